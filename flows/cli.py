@@ -1,0 +1,82 @@
+"""``clusterflow``: the command line. Thin: it parses, configures Prefect, calls the flows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.spec import DEFAULT_SPEC, SpecError, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="HPC pipelines on AWS as Prefect flows.")
+err = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """HPC pipelines on AWS as Prefect flows (embedded local AWS by default)."""
+
+
+def _summary(result: dict[str, Any]) -> None:
+    out = Console()
+    out.print(f"[bold green]run {result['run_id']} succeeded[/] "
+              f"({result['kernel']} on {result['ranks']} ranks, backend {result['backend']}, "
+              f"{result['aws']})")
+    table = Table("stage", "seconds", box=None)
+    for stage, secs in result["seconds"].items():
+        table.add_row(stage, f"{secs:.2f}")
+    table.add_row("[bold]total[/]", f"{sum(result['seconds'].values()):.2f}")
+    out.print(table)
+    out.print(f"field.npy sha256  {result['field_sha256']}")
+    out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)")
+    out.print(f"results           {result['s3']['results']}")
+    out.print(f"scratch           {result['scratch_dir']}")
+    for q, r in result["fanout"]["queues"].items():
+        out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
+                  f"{r['verified']} verified")
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Option(help="Pipeline spec YAML.")] = DEFAULT_SPEC,
+    ranks: Annotated[int | None, typer.Option(help="MPI ranks (overrides the spec).")] = None,
+    aws: Annotated[str | None, typer.Option(
+        help="'embedded' (local moto, the default) or 'real' (your AWS account).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
+    try:
+        load_spec(spec, ranks=ranks, aws=aws)  # refuse a bad spec before anything starts
+    except SpecError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+    from flows import prefect_runtime
+    from infra.embedded_aws import state_dir
+
+    prefect_runtime.configure(state_dir())
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.pipeline import hpc_pipeline
+
+    try:
+        # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws)
+    except Exception as e:  # the flow already logged the traceback through Prefect
+        err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        _summary(result)
+
+
+if __name__ == "__main__":
+    app()

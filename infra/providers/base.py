@@ -1,0 +1,55 @@
+"""The provider contract, after Parsl's ``ExecutionProvider``: submit, status, cancel.
+
+A provider says where resources come from; a launcher (``infra.launchers``) says how ranks
+start inside them. Keeping the two apart is what lets one pipeline run unchanged on a laptop
+(mpiexec), a Slurm allocation (srun/mpiexec) or a cloud cluster.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class JobState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: JobState
+    exit_code: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    job_id: str
+    stdout: Path
+    stderr: Path
+
+
+class ExecutionProvider(ABC):
+    """Runs one command line somewhere and reports on it; nothing more."""
+
+    label: str
+
+    @abstractmethod
+    def submit(self, command: list[str], job_name: str, workdir: Path,
+               env: dict[str, str] | None = None) -> JobHandle: ...
+
+    @abstractmethod
+    def status(self, job: JobHandle) -> JobStatus: ...
+
+    @abstractmethod
+    def cancel(self, job: JobHandle) -> None: ...
