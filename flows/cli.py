@@ -24,7 +24,7 @@ def main() -> None:
 
 
 def _summary(result: dict[str, Any]) -> None:
-    out = Console()
+    out = Console(soft_wrap=True)
     out.print(f"[bold green]run {result['run_id']} succeeded[/] "
               f"({result['kernel']} on {result['ranks']} ranks, backend {result['backend']}, "
               f"{result['aws']})")

@@ -55,8 +55,8 @@ class Storage(_Strict):
     @field_validator("input_prefix", "results_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if v.startswith("/") or ".." in v.split("/"):
-            raise ValueError(f"{v!r} must be a relative key prefix without '..'")
+        if v.startswith("/") or ".." in v.split("/") or "*" in v or "\\" in v:
+            raise ValueError(f"{v!r} must be a relative key prefix without '..', '*' or '\\'")
         return v if not v or v.endswith("/") else v + "/"
 
 

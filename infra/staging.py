@@ -90,6 +90,7 @@ def upload(aws: AwsTarget, path: Path, bucket: str, key: str) -> Transferred:
         # Hand S3 our own digest: it rejects the PUT if the bytes it got hash differently.
         with path.open("rb") as f:
             aws.client("s3").put_object(Bucket=bucket, Key=key, Body=f,
+                                        ChecksumAlgorithm="SHA256",
                                         ChecksumSHA256=_hex_to_b64(digest),
                                         Metadata={"sha256": digest})
     else:
