@@ -24,7 +24,7 @@ from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topolog
 from flows.spec import DEFAULT_SPEC, PipelineSpec, load_spec
 from infra.aws import AwsTarget
 from infra.embedded_aws import aws_target
-from infra.launchers import MpiexecLauncher, python_module
+from infra.launchers import python_module
 from infra.providers.base import JobState
 from infra.providers.local import LocalProvider
 from infra.staging import Transferred, download, exists, upload
@@ -130,10 +130,10 @@ def mpi_run(spec: PipelineSpec, input_path: Path, run_dir: Path) -> dict[str, An
         "--steps", str(p.steps), "--alpha", repr(p.alpha),
         "--in", str(input_path), "--out", str(out_dir),
     )
-    command = MpiexecLauncher().command(spec.ranks, argv)
     provider = LocalProvider()
-    logger.info("launching: %s", " ".join(command))
-    job = provider.submit(command, job_name=spec.kernel.name, workdir=run_dir,
+    command = provider.launcher().command(spec.ranks, argv)
+    logger.info("launching on %s: %s", provider.label, " ".join(command))
+    job = provider.submit(command, ranks=spec.ranks, job_name=spec.kernel.name, workdir=run_dir,
                           env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     offsets = {job.stdout: 0, job.stderr: 0}
     try:

@@ -11,6 +11,11 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+
+class Launcher(Protocol):
+    def command(self, ranks: int, argv: list[str]) -> list[str]: ...
 
 
 class JobState(enum.Enum):
@@ -45,8 +50,14 @@ class ExecutionProvider(ABC):
     label: str
 
     @abstractmethod
-    def submit(self, command: list[str], job_name: str, workdir: Path,
-               env: dict[str, str] | None = None) -> JobHandle: ...
+    def launcher(self) -> Launcher:
+        """How ranks start inside what this provider allocates (mpiexec, srun, ...)."""
+
+    @abstractmethod
+    def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
+               env: dict[str, str] | None = None) -> JobHandle:
+        """Start ``command`` (already wrapped by the launcher) with ``ranks`` slots; return at
+        once. stdout/stderr go to the handle's paths."""
 
     @abstractmethod
     def status(self, job: JobHandle) -> JobStatus: ...

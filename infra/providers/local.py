@@ -7,16 +7,22 @@ import signal
 import subprocess
 from pathlib import Path
 
+from infra.launchers import MpiexecLauncher
 from infra.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 
 
 class LocalProvider(ExecutionProvider):
+    """Ranks on this machine; oversubscribed, since correctness runs often want N > cores."""
+
     label = "local"
 
     def __init__(self) -> None:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def submit(self, command: list[str], job_name: str, workdir: Path,
+    def launcher(self) -> MpiexecLauncher:
+        return MpiexecLauncher(oversubscribe=True)
+
+    def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
                env: dict[str, str] | None = None) -> JobHandle:
         workdir.mkdir(parents=True, exist_ok=True)
         out, err = workdir / f"{job_name}.out", workdir / f"{job_name}.err"
