@@ -32,6 +32,7 @@ def configure(state_dir: Path) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     if os.environ.get("PREFECT_API_URL"):
         return
-    os.environ.setdefault("PREFECT_HOME", str(state_dir / "prefect"))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(state_dir / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)  # Prefect's SQLite cannot create its folder
     for key, value in LOCAL_SERVER_DEFAULTS.items():
         os.environ.setdefault(key, value)
