@@ -1,159 +1,94 @@
-"""2D heat diffusion (explicit 5-point stencil) on a Cartesian MPI decomposition.
+"""Heat diffusion (explicit stencil) in 2D or 3D on a Cartesian MPI process grid.
 
 Run::
 
-    mpiexec -n N python -m mpi_jobs.heat --nx NX --ny NY --steps S --in FILE --out DIR [--alpha A]
+    mpiexec -n N python -m mpi_jobs.heat --nx NX --ny NY [--nz NZ] --steps S \\
+        --in FILE --out DIR [--alpha A] [--bc-x periodic] [--checkpoint-dir D --restart]
 
-`FILE` is a float64 ``.npy`` array of shape ``(ny, nx)``; the domain has a Dirichlet zero
-boundary. Rank 0 writes ``DIR/field.npy`` and ``DIR/manifest.json``.
+`FILE` is a float64 ``.npy`` array of shape ``(ny, nx)`` (2D) or ``(nz, ny, nx)`` (3D). Each
+axis has its own boundary: ``dirichlet`` (zero outside the domain; the default) or
+``periodic``. Rank 0 writes ``DIR/field.npy`` and ``DIR/manifest.json``; the manifest also
+carries the total heat every ``--diag-every`` steps.
 
-The result is bitwise identical for any rank count: every cell is updated with the same
-floating-point operations in the same order (see `stencil_step`), and halo values are exact
-copies, so a decomposition change can never show up as round-off drift. That makes
-``np.array_equal`` against `reference_solution` a meaningful regression test.
+The process grid comes from ``MPI_Dims_create`` and ``MPI_Cart_create`` (periodic along the
+periodic axes). Each step starts a non-blocking halo exchange (one subarray datatype per face,
+sent straight from the padded array: no packing copies), updates the block's interior while
+the messages are in flight, waits, then updates the one-cell shell that needed the halo. The
+update itself is a compiled numba loop (`mpi_jobs.stencil_numba`), one pass over memory.
 
-Failure model: errors that every rank detects identically (bad arguments, bad input file,
-grid too small for the process grid) are reported once by rank 0 and all ranks exit cleanly.
-Anything else is reported as one ``heat: rank R: ...`` line and the job is aborted with
-``MPI_Abort``, because the other ranks may be blocked in a halo exchange and would otherwise
-hang until the scheduler's wall-clock limit.
+The field is bitwise identical for any rank count: every cell is updated with the same
+floating-point operations in the same order (see `mpi_jobs.stencil`) and halo values are exact
+copies, so ``np.array_equal`` against `reference_solution` is a meaningful test. The total heat
+is computed by exact fixed-point integer summation, so it too is identical for any rank count
+(the module docstring of `mpi_jobs.stencil` says how and what it costs).
 
-Environment:
+Checkpoints (``--checkpoint-dir``): every ``--checkpoint-every`` steps each rank writes its
+block and rank 0 commits the set (`mpi_jobs.checkpoint`). Blocks are stored with their global
+extents, so ``--restart`` works with any rank count: each rank reads the parts of the saved
+blocks that overlap its new block.
+
+Failure model: see `mpi_jobs.runtime`. Environment:
     CLUSTERFLOW_HEAT_FAIL_RANK=R
-        Rank R raises ``RuntimeError`` right after its first step. It exists so tests and
-        operators can check that one failing rank takes the whole job down promptly instead of
-        leaving its neighbours waiting. No effect when ``--steps`` is 0 or R is not a rank.
-
-mpi4py is imported inside `main` rather than at module level, because importing ``MPI``
-initialises MPI: tools that only want `reference_solution` (tests, flows) must not become MPI
-singletons as a side effect.
+        Rank R raises ``RuntimeError`` right after its first step, so tests and operators can
+        check that one failing rank takes the whole job down promptly. No effect when
+        ``--steps`` is 0 or R is not a rank.
+    CLUSTERFLOW_STEP_DELAY_SECONDS=T
+        Sleep T seconds after each step (to make a small run long enough to interrupt).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import math
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpi_jobs.decomposition import block_range
-from mpi_jobs.manifest import atomic_save_npy, write_manifest
+from mpi_jobs.manifest import atomic_save_npy, sha256_file, write_manifest
+from mpi_jobs.runtime import (
+    CollectiveError,
+    KernelParser,
+    RankTimer,
+    add_checkpoint_args,
+    agree,
+    check_checkpoint_args,
+    fail_rank,
+    non_negative_int,
+    positive_int,
+    prepare_out,
+    rank0_check,
+    run_kernel,
+    step_delay,
+)
+from mpi_jobs.stencil import (
+    BOUNDARIES,
+    check_alpha,
+    normalise_parts,
+    parts_to_float,
+    reference_solution,
+    reference_total_heat,
+    stencil_step,
+    total_heat_scale,
+)
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from mpi_jobs.checkpoint import Checkpoint
+
+__all__ = ["main", "reference_solution", "reference_total_heat", "stencil_step"]
+
 PROG = "heat"
 FAIL_RANK_ENV = "CLUSTERFLOW_HEAT_FAIL_RANK"
-MAX_ALPHA = 0.25  # Von Neumann stability limit of the explicit 2D scheme.
+MAX_ALPHA = 0.25  # Von Neumann stability limit of the explicit 2D scheme (3D: 1/6).
 
-# One tag per direction of travel, so a message can never be matched to the wrong ghost even if
-# two ranks were neighbours along more than one side.
-_NORTHWARD, _SOUTHWARD, _WESTWARD, _EASTWARD = range(4)
-
-
-class CollectiveError(Exception):
-    """An error that every rank raises identically, so all can exit without ``MPI_Abort``."""
-
-
-# --------------------------------------------------------------------------- numerics
-
-
-def stencil_step(u: np.ndarray, new: np.ndarray, alpha: float, scratch: np.ndarray) -> None:
-    """Write one explicit step of the padded array `u` into the interior of `new`.
-
-    Computes exactly ``u + alpha * ((((N + S) + W) + E) - 4.0 * u)`` per cell, as a fixed
-    sequence of element-wise ufuncs. Element-wise IEEE operations are correctly rounded and
-    never reassociated, so a cell's result depends only on its neighbours' values, not on the
-    array's shape or which rank owns it. The ``out=`` form avoids per-step temporaries.
-    The ghost ring of `new` is left alone; `scratch` has the interior's shape.
-    """
-    acc = new[1:-1, 1:-1]
-    centre = u[1:-1, 1:-1]
-    np.add(u[:-2, 1:-1], u[2:, 1:-1], out=acc)
-    np.add(acc, u[1:-1, :-2], out=acc)
-    np.add(acc, u[1:-1, 2:], out=acc)
-    np.multiply(centre, 4.0, out=scratch)
-    np.subtract(acc, scratch, out=acc)
-    np.multiply(acc, alpha, out=acc)
-    np.add(centre, acc, out=acc)
-
-
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha <= MAX_ALPHA:
-        raise ValueError(
-            f"alpha must be in (0, {MAX_ALPHA}] for the explicit scheme to be stable, got {alpha}"
-        )
-
-
-def reference_solution(u0: np.ndarray, steps: int, alpha: float) -> np.ndarray:
-    """Serial result that the MPI kernel must match bit for bit, for any rank count."""
-    u0 = np.asarray(u0, dtype=np.float64)
-    if u0.ndim != 2:
-        raise ValueError(f"u0 must be 2D (ny, nx), got shape {u0.shape}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    _check_alpha(alpha)
-    u = np.zeros((u0.shape[0] + 2, u0.shape[1] + 2))
-    u[1:-1, 1:-1] = u0
-    new = np.zeros_like(u)
-    scratch = np.empty(u0.shape)
-    for _ in range(steps):
-        stencil_step(u, new, alpha, scratch)
-        u, new = new, u
-    return u[1:-1, 1:-1].copy()
+Box = tuple[tuple[int, int], ...]
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-class _Parser(argparse.ArgumentParser):
-    """Every rank parses (so all reach the same verdict); only rank 0 prints, so a typo
-    yields one message instead of one per rank."""
-
-    def __init__(self, *, quiet: bool, **kwargs: Any) -> None:
-        self._quiet = quiet
-        super().__init__(**kwargs)
-
-    def print_usage(self, file: IO[str] | None = None) -> None:
-        if not self._quiet:
-            super().print_usage(file)
-
-    def print_help(self, file: IO[str] | None = None) -> None:
-        if not self._quiet:
-            super().print_help(file)
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message and not self._quiet:
-            sys.stderr.write(message)
-        raise SystemExit(status)
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _alpha(text: str) -> float:
@@ -162,30 +97,32 @@ def _alpha(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     try:
-        _check_alpha(value)
+        check_alpha(value, 2)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 
 def _parse_args(argv: list[str] | None, *, quiet: bool) -> argparse.Namespace:
-    parser = _Parser(
+    parser = KernelParser(
+        kernel=PROG,
         quiet=quiet,
-        prog="python -m mpi_jobs.heat",
-        description="2D heat diffusion (explicit 5-point stencil, zero Dirichlet boundary) "
-        "on an MPI Cartesian process grid. Launch with mpiexec.",
+        description="Heat diffusion (explicit 5-point stencil in 2D, 7-point in 3D) on an MPI "
+        "Cartesian process grid, with per-axis Dirichlet (zero) or periodic boundaries. "
+        "Launch with mpiexec.",
         epilog=f"Set {FAIL_RANK_ENV}=R to make rank R fail after the first step (testing).",
     )
-    parser.add_argument("--nx", type=_positive_int, required=True, help="grid columns")
-    parser.add_argument("--ny", type=_positive_int, required=True, help="grid rows")
-    parser.add_argument("--steps", type=_non_negative_int, required=True, help="time steps")
+    parser.add_argument("--nx", type=positive_int, required=True, help="grid columns")
+    parser.add_argument("--ny", type=positive_int, required=True, help="grid rows")
+    parser.add_argument("--nz", type=positive_int, help="grid planes (makes the run 3D)")
+    parser.add_argument("--steps", type=non_negative_int, required=True, help="time steps")
     parser.add_argument(
         "--in",
         dest="input",
         type=Path,
         required=True,
         metavar="FILE",
-        help="initial field: float64 .npy of shape (ny, nx)",
+        help="initial field: float64 .npy of shape (ny, nx), or (nz, ny, nx) with --nz",
     )
     parser.add_argument(
         "--out",
@@ -198,35 +135,50 @@ def _parse_args(argv: list[str] | None, *, quiet: bool) -> argparse.Namespace:
         "--alpha",
         type=_alpha,
         default=0.2,
-        help=f"diffusion number dt*k/h^2, in (0, {MAX_ALPHA}] (default: %(default)s)",
+        help=f"diffusion number dt*k/h^2, in (0, {MAX_ALPHA}] in 2D and (0, 1/6] in 3D "
+        "(default: %(default)s)",
     )
-    return parser.parse_args(argv)
-
-
-def _fail_rank() -> int | None:
-    raw = os.environ.get(FAIL_RANK_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise CollectiveError(f"{FAIL_RANK_ENV}={raw!r} is not a rank number") from None
+    for axis in ("x", "y", "z"):
+        parser.add_argument(
+            f"--bc-{axis}",
+            choices=BOUNDARIES,
+            default="dirichlet",
+            help=f"boundary along {axis} (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--diag-every",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="record the total heat every N steps, 0 to switch it off (default: %(default)s)",
+    )
+    add_checkpoint_args(parser, unit="steps", default_every=100)
+    args = parser.parse_args(argv)
+    check_checkpoint_args(parser, args)
+    if args.nz is None and args.bc_z != "dirichlet":
+        parser.error("--bc-z needs --nz (a 2D run has no z axis)")
+    if args.nz is not None:
+        try:
+            check_alpha(args.alpha, 3)
+        except ValueError as exc:
+            parser.error(f"argument --alpha: {exc}")
+    return args
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _max_fitting_ranks(ny: int, nx: int, size: int) -> int:
+def _max_fitting_ranks(shape: tuple[int, ...], size: int) -> int:
     from mpi4py import MPI
 
     for n in range(size, 0, -1):
-        py, px = MPI.Compute_dims(n, 2)
-        if py <= ny and px <= nx:
+        dims = MPI.Compute_dims(n, len(shape))
+        if all(d <= s for d, s in zip(dims, shape, strict=True)):
             return n
     return 1
 
 
-def _check_input(path: Path, ny: int, nx: int) -> str | None:
+def _check_input(path: Path, shape: tuple[int, ...]) -> str | None:
     """Return a user-facing problem with the input file, or None if it is usable.
 
     Only the header is read (via mmap), so this is cheap even for huge fields.
@@ -242,23 +194,12 @@ def _check_input(path: Path, ny: int, nx: int) -> str | None:
     if not isinstance(arr, np.ndarray):  # .npz archives load as NpzFile
         arr.close()
         return f"--in {path} is an .npz archive; expected a single .npy array"
-    if arr.shape != (ny, nx):
-        return f"--in {path} has shape {arr.shape}, expected (ny, nx) = ({ny}, {nx})"
+    names = "(nz, ny, nx)" if len(shape) == 3 else "(ny, nx)"
+    if arr.shape != shape:
+        return f"--in {path} has shape {arr.shape}, expected {names} = {shape}"
     # Any byte order is fine: conversion to native float64 is exact.
     if arr.dtype.kind != "f" or arr.dtype.itemsize != 8:
         return f"--in {path} has dtype {arr.dtype}, expected float64"
-    return None
-
-
-def _prepare_out(out_dir: Path) -> str | None:
-    if out_dir.exists() and not out_dir.is_dir():
-        return f"--out {out_dir} exists and is not a directory"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"--out {out_dir}: cannot create output directory ({exc.strerror or exc})"
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        return f"--out {out_dir}: output directory is not writable"
     return None
 
 
@@ -266,66 +207,136 @@ def _prepare_out(out_dir: Path) -> str | None:
 
 
 class _Block:
-    """This rank's share of the grid, its neighbours, and the buffers for halo exchange.
+    """This rank's share of the grid, its neighbours, and the face datatypes of the exchange.
 
-    Buffers are allocated once: the step loop should only move data, not allocate.
+    Arrays are padded with one ghost layer per side. Datatypes and buffers are created once:
+    the step loop only moves data, it never allocates.
     """
 
-    def __init__(self, cart: MPI.Cartcomm, ny: int, nx: int) -> None:
+    def __init__(self, cart: MPI.Cartcomm, shape: tuple[int, ...]) -> None:
         self.cart = cart
+        self.shape = shape
+        self.ndim = len(shape)
         self.dims: list[int] = list(cart.Get_topo()[0])
         self.coords: list[int] = list(cart.Get_coords(cart.Get_rank()))
-        self.y0, self.y1 = block_range(ny, self.dims[0], self.coords[0])
-        self.x0, self.x1 = block_range(nx, self.dims[1], self.coords[1])
-        self.north, self.south = cart.Shift(0, 1)
-        self.west, self.east = cart.Shift(1, 1)
-        rows = self.y1 - self.y0
-        self.send_w = np.zeros(rows)
-        self.send_e = np.zeros(rows)
-        self.recv_w = np.zeros(rows)
-        self.recv_e = np.zeros(rows)
+        self.lo: list[int] = []
+        self.hi: list[int] = []
+        for n, parts, c in zip(shape, self.dims, self.coords, strict=True):
+            lo, hi = block_range(n, parts, c)
+            self.lo.append(lo)
+            self.hi.append(hi)
+        self.local = tuple(h - lo for lo, h in zip(self.lo, self.hi, strict=True))
+        self.padded = tuple(n + 2 for n in self.local)
+        self.neighbours = [cart.Shift(axis, 1) for axis in range(self.ndim)]  # (minus, plus)
+        self._types: list[MPI.Datatype] = []
+        self._requests: list[MPI.Prequest] = []
+        # Per axis: (send to minus, recv from plus, send to plus, recv from minus).
+        self.faces = [self._face_types(axis) for axis in range(self.ndim)]
+
+    def _face(self, axis: int, index: int) -> MPI.Datatype:
+        from mpi4py import MPI
+
+        subsizes = [n for n in self.local]
+        starts = [1] * self.ndim
+        subsizes[axis] = 1
+        starts[axis] = index
+        dtype = MPI.DOUBLE.Create_subarray(list(self.padded), subsizes, starts).Commit()
+        self._types.append(dtype)
+        return dtype
+
+    def _face_types(self, axis: int) -> tuple[MPI.Datatype, ...]:
+        n = self.local[axis]
+        return (self._face(axis, 1), self._face(axis, n + 1), self._face(axis, n),
+                self._face(axis, 0))
+
+    def free(self) -> None:
+        for request in self._requests:
+            request.Free()
+        self._requests.clear()
+        for dtype in self._types:
+            dtype.Free()
+        self._types.clear()
+
+    # ------------------------------------------------------------------ boxes
+
+    def interior_box(self) -> Box:
+        """Cells whose neighbours are all owned: computable before the halo arrives."""
+        return tuple((2, n) for n in self.local)
+
+    def shell_boxes(self) -> list[Box]:
+        """The one-cell shell around `interior_box`, as disjoint boxes (cover = block)."""
+        boxes: list[Box] = []
+        for axis, n in enumerate(self.local):
+            for index in sorted({1, n}):
+                box = []
+                for other, m in enumerate(self.local):
+                    if other == axis:
+                        box.append((index, index + 1))
+                    elif other < axis:
+                        box.append((2, m))
+                    else:
+                        box.append((1, m + 1))
+                boxes.append(tuple(box))
+        return boxes
+
+    # ------------------------------------------------------------------ data movement
 
     def load(self, path: Path) -> np.ndarray:
-        """Read only this rank's block (mmap + slice), into an array with a zero ghost ring."""
+        """Read only this rank's block (mmap + slice), into an array with a zero ghost layer."""
         src = np.load(path, mmap_mode="r", allow_pickle=False)
-        u = np.zeros((self.y1 - self.y0 + 2, self.x1 - self.x0 + 2))
-        u[1:-1, 1:-1] = src[self.y0 : self.y1, self.x0 : self.x1]
+        u = np.zeros(self.padded)
+        u[(slice(1, -1),) * self.ndim] = src[
+            tuple(slice(lo, hi) for lo, hi in zip(self.lo, self.hi, strict=True))
+        ]
         del src
         return u
 
-    def exchange(self, u: np.ndarray) -> None:
-        """Fill `u`'s ghost ring from the neighbours' edges.
+    def load_checkpoint(self, ckpt: Checkpoint, u: np.ndarray) -> None:
+        """Fill this block from the saved blocks that overlap it, whatever their layout."""
+        covered = 0
+        for name, piece in sorted(ckpt.meta["pieces"].items()):
+            lo = [max(a, b) for a, b in zip(self.lo, piece["lo"], strict=True)]
+            hi = [min(a, b) for a, b in zip(self.hi, piece["hi"], strict=True)]
+            if any(a >= b for a, b in zip(lo, hi, strict=True)):
+                continue
+            data = ckpt.load(name)
+            src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["lo"], strict=True))
+            dst = tuple(
+                slice(a - m + 1, b - m + 1) for a, b, m in zip(lo, hi, self.lo, strict=True)
+            )
+            u[dst] = data[src]
+            covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
+        if covered != math.prod(self.local):
+            raise ValueError(
+                f"checkpoint {ckpt.directory} does not cover this rank's block "
+                f"({covered} of {math.prod(self.local)} cells)"
+            )
 
-        Rows of a C-ordered array are contiguous, so they are sent and received in place;
-        columns are staged through contiguous buffers. Sides facing the domain boundary
-        (PROC_NULL) are no-ops, so those ghosts keep their zero Dirichlet value.
+    def exchange_requests(self, u: np.ndarray) -> list[MPI.Prequest]:
+        """Persistent requests for the halo exchange of `u`, straight from/to the padded array.
+
+        Set up once per array (the step loop alternates between two), then each step is one
+        ``Startall`` and one ``Waitall``: no per-step request construction in Python.
+        Tags are per axis and direction of travel, so a message can never land in the wrong
+        ghost layer even when both neighbours along an axis are the same rank (or this rank,
+        on a periodic axis with one process). Sides facing a Dirichlet boundary have
+        PROC_NULL neighbours: no-ops, so those ghosts keep their zero.
         """
-        from mpi4py import MPI
-
-        null = MPI.PROC_NULL
-        if self.west != null:
-            np.copyto(self.send_w, u[1:-1, 1])
-        if self.east != null:
-            np.copyto(self.send_e, u[1:-1, -2])
-        dbl = MPI.DOUBLE
         cart = self.cart
-        requests = [
-            cart.Irecv([u[0, 1:-1], dbl], source=self.north, tag=_SOUTHWARD),
-            cart.Irecv([u[-1, 1:-1], dbl], source=self.south, tag=_NORTHWARD),
-            cart.Irecv([self.recv_w, dbl], source=self.west, tag=_EASTWARD),
-            cart.Irecv([self.recv_e, dbl], source=self.east, tag=_WESTWARD),
-            cart.Isend([u[1, 1:-1], dbl], dest=self.north, tag=_NORTHWARD),
-            cart.Isend([u[-2, 1:-1], dbl], dest=self.south, tag=_SOUTHWARD),
-            cart.Isend([self.send_w, dbl], dest=self.west, tag=_WESTWARD),
-            cart.Isend([self.send_e, dbl], dest=self.east, tag=_EASTWARD),
-        ]
-        MPI.Request.Waitall(requests)
-        if self.west != null:
-            u[1:-1, 0] = self.recv_w
-        if self.east != null:
-            u[1:-1, -1] = self.recv_e
+        requests = []
+        for axis, ((minus, plus), faces) in enumerate(
+            zip(self.neighbours, self.faces, strict=True)
+        ):
+            send_minus, recv_plus, send_plus, recv_minus = faces
+            down, up = 2 * axis, 2 * axis + 1
+            requests.append(cart.Recv_init([u, 1, recv_plus], source=plus, tag=down))
+            requests.append(cart.Recv_init([u, 1, recv_minus], source=minus, tag=up))
+            requests.append(cart.Send_init([u, 1, send_minus], dest=minus, tag=down))
+            requests.append(cart.Send_init([u, 1, send_plus], dest=plus, tag=up))
+        self._requests.extend(requests)
+        return requests
 
-    def gather(self, u: np.ndarray, ny: int, nx: int) -> np.ndarray | None:
+    def gather(self, u: np.ndarray) -> np.ndarray | None:
         """Assemble the global field on rank 0 (None elsewhere).
 
         Blocks arrive as flat runs in rank order; each is placed by its rank's Cartesian
@@ -334,22 +345,76 @@ class _Block:
         from mpi4py import MPI
 
         cart = self.cart
-        local = np.ascontiguousarray(u[1:-1, 1:-1]).ravel()
+        local = np.ascontiguousarray(u[(slice(1, -1),) * self.ndim]).ravel()
         if cart.Get_rank() != 0:
             cart.Gatherv([local, MPI.DOUBLE], None, root=0)
             return None
         extents = []
         for r in range(cart.Get_size()):
-            cy, cx = cart.Get_coords(r)
-            extents.append((block_range(ny, self.dims[0], cy), block_range(nx, self.dims[1], cx)))
-        counts = [(y1 - y0) * (x1 - x0) for (y0, y1), (x0, x1) in extents]
+            coords = cart.Get_coords(r)
+            extents.append([
+                block_range(n, p, c)
+                for n, p, c in zip(self.shape, self.dims, coords, strict=True)
+            ])
+        counts = [math.prod(hi - lo for lo, hi in ext) for ext in extents]
         displs = [sum(counts[:r]) for r in range(len(counts))]
-        flat = np.empty(ny * nx)
+        flat = np.empty(math.prod(self.shape))
         cart.Gatherv([local, MPI.DOUBLE], [flat, counts, displs, MPI.DOUBLE], root=0)
-        field = np.empty((ny, nx))
-        for ((y0, y1), (x0, x1)), start, count in zip(extents, displs, counts, strict=True):
-            field[y0:y1, x0:x1] = flat[start : start + count].reshape(y1 - y0, x1 - x0)
+        field = np.empty(self.shape)
+        for ext, start, count in zip(extents, displs, counts, strict=True):
+            index = tuple(slice(lo, hi) for lo, hi in ext)
+            field[index] = flat[start : start + count].reshape([hi - lo for lo, hi in ext])
         return field
+
+
+class _TotalHeat:
+    """Per-step fixed-point sums of this rank, reduced to rank 0 in batches (no per-step sync)."""
+
+    def __init__(self, comm: MPI.Intracomm, scale: int, every: int) -> None:
+        self.comm = comm
+        self.scale = scale
+        self.scale_factor = math.ldexp(1.0, scale)
+        self.every = every
+        self.pending: list[tuple[int, int, int]] = []  # (step, H, L), this rank's block only
+        self.steps: list[int] = []  # reduced, rank 0 only
+        self.values: list[float] = []
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def record(self, step: int, high: int, low: int, bad: int) -> None:
+        if bad:
+            raise FloatingPointError(
+                f"total heat out of range at step {step}: the field holds NaN/inf or grew "
+                "beyond the maximum principle's bound"
+            )
+        self.pending.append((step, *normalise_parts(int(high), int(low))))
+
+    def reduce(self) -> None:
+        """Collective: sum the pending per-rank parts exactly (int64) onto rank 0."""
+        from mpi4py import MPI
+
+        if self.every == 0:
+            return
+        parts = np.array([[h, lo] for _, h, lo in self.pending], dtype=np.int64).reshape(-1, 2)
+        total = np.empty_like(parts) if self.comm.Get_rank() == 0 else None
+        self.comm.Reduce([parts, MPI.INT64_T], [total, MPI.INT64_T] if total is not None else None,
+                         op=MPI.SUM, root=0)
+        if total is not None:
+            for (step, _, _), (high, low) in zip(self.pending, total.tolist(), strict=True):
+                self.steps.append(step)
+                self.values.append(parts_to_float(*normalise_parts(high, low), self.scale))
+        self.pending.clear()
+
+
+def _fingerprint(args: argparse.Namespace, shape: tuple[int, ...], bc: tuple[str, ...]) -> dict:
+    return {
+        "shape": list(shape),
+        "alpha": args.alpha,
+        "bc": list(bc),
+        "diag_every": args.diag_every,
+        "input_sha256": sha256_file(args.input),
+    }
 
 
 def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
@@ -358,89 +423,134 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     args = _parse_args(argv, quiet=rank != 0)
     t_start = time.perf_counter()
-    nx, ny, steps, alpha = args.nx, args.ny, args.steps, args.alpha
-    fail_rank = _fail_rank()
+    shape = (args.ny, args.nx) if args.nz is None else (args.nz, args.ny, args.nx)
+    ndim = len(shape)
+    names = ("y", "x") if ndim == 2 else ("z", "y", "x")
+    bc = tuple(getattr(args, f"bc_{name}") for name in names)
+    steps, alpha = args.steps, args.alpha
+    failing = fail_rank(FAIL_RANK_ENV)
+    delay = step_delay()
 
-    dims = MPI.Compute_dims(size, 2)
-    if dims[0] > ny or dims[1] > nx:
+    dims = MPI.Compute_dims(size, ndim)
+    if any(d > n for d, n in zip(dims, shape, strict=True)):
         raise CollectiveError(
-            f"grid (ny, nx) = ({ny}, {nx}) is too small for {size} ranks: the process grid "
-            f"is {dims[0]} x {dims[1]} and each rank needs at least one cell per axis; "
-            f"use at most {_max_fitting_ranks(ny, nx, size)} ranks or a larger grid"
+            f"grid {tuple(zip(names, shape, strict=True))} is too small for {size} ranks: the "
+            f"process grid is {' x '.join(map(str, dims))} and each rank needs at least one "
+            f"cell per axis; use at most {_max_fitting_ranks(shape, size)} ranks or a larger grid"
         )
+    rank0_check(comm, lambda: _check_input(args.input, shape) or prepare_out(args.out))
 
-    # Rank 0 alone touches the filesystem for validation and broadcasts its verdict, so every
-    # rank takes the same branch and the user sees a single message.
-    problem = None
-    if rank == 0:
-        problem = _check_input(args.input, ny, nx) or _prepare_out(args.out)
-    problem = comm.bcast(problem, root=0)
-    if problem is not None:
-        raise CollectiveError(problem)
+    from mpi_jobs.checkpoint import Checkpointer
+    from mpi_jobs.stencil_numba import box_array, update_boxes
 
-    cart = comm.Create_cart(dims, periods=[False, False], reorder=False)
-    block = _Block(cart, ny, nx)
+    checkpointer = None
+    if args.checkpoint_dir is not None:
+        fingerprint = _fingerprint(args, shape, bc) if rank == 0 else {}
+        checkpointer = Checkpointer(comm, args.checkpoint_dir, PROG, comm.bcast(fingerprint))
+        rank0_check(comm, checkpointer.prepare_root)
+
+    cart = comm.Create_cart(dims, periods=[b == "periodic" for b in bc], reorder=False)
+    block = _Block(cart, shape)
     u = block.load(args.input)
-    new = np.zeros_like(u)  # ghost ring stays 0 where a side faces the boundary
-    scratch = np.empty((u.shape[0] - 2, u.shape[1] - 2))
+    inner = (slice(1, -1),) * ndim
+    finite = bool(np.isfinite(u[inner]).all())
+    agree(cart, None if finite else f"--in {args.input} contains NaN or infinite values")
+    max_abs = cart.allreduce(float(np.max(np.abs(u[inner]))), op=MPI.MAX)
+    heat = _TotalHeat(cart, total_heat_scale(math.prod(shape), max_abs), args.diag_every)
 
-    t_compute = time.perf_counter()
-    for step in range(steps):
-        block.exchange(u)
-        stencil_step(u, new, alpha, scratch)
-        u, new = new, u
-        if step == 0 and rank == fail_rank:
+    first = 0
+    if checkpointer is not None and args.restart:
+        ckpt = checkpointer.latest(max_step=steps)
+        if ckpt is not None:
+            block.load_checkpoint(ckpt, u)
+            first = ckpt.step
+            if rank == 0:
+                heat.steps = [int(s) for s in ckpt.load("diag_steps.npy").tolist()]
+                heat.values = [float(v) for v in ckpt.load("diag_values.npy").tolist()]
+                print(f"{PROG}: restarting from step {first} ({ckpt.directory})", flush=True)
+        elif rank == 0:
+            print(f"{PROG}: no complete checkpoint in {args.checkpoint_dir}; starting at step 0",
+                  flush=True)
+    if first == 0 and heat.due(0):
+        from mpi_jobs.stencil import fixed_point_parts
+
+        heat.record(0, *fixed_point_parts(u[inner], heat.scale), 0)
+
+    new = np.zeros_like(u)  # ghost layer stays 0 where a side faces a Dirichlet boundary
+    exchange = {id(u): block.exchange_requests(u), id(new): block.exchange_requests(new)}
+    interior = box_array([block.interior_box()], ndim)
+    shell = box_array(block.shell_boxes(), ndim)
+    timer = RankTimer()
+    for step in range(first + 1, steps + 1):
+        with timer:
+            scale = heat.scale_factor if heat.due(step) else None
+            requests = exchange[id(u)]
+            MPI.Prequest.Startall(requests)
+            high, low, bad = update_boxes(u, new, alpha, interior, scale)
+            MPI.Request.Waitall(requests)
+            h, lo, b = update_boxes(u, new, alpha, shell, scale)
+            u, new = new, u
+            if scale is not None:
+                heat.record(step, high + h, low + lo, bad | b)
+        if step == 1 and rank == failing:
             raise RuntimeError(f"injected failure ({FAIL_RANK_ENV})")
-    compute_seconds = time.perf_counter() - t_compute
+        if delay:
+            time.sleep(delay)
+        if checkpointer is not None and step % args.checkpoint_every == 0 and step < steps:
+            heat.reduce()
+            piece = f"piece-{rank:06d}.npy"
+            extents = cart.gather({piece: {"lo": block.lo, "hi": block.hi}}, root=0)
+            pieces = {k: v for part in extents or [] for k, v in part.items()}
+            arrays = {piece: u[inner]}
+            if rank == 0:
+                arrays["diag_steps.npy"] = np.array(heat.steps, dtype=np.int64)
+                arrays["diag_values.npy"] = np.array(heat.values, dtype=np.float64)
+            checkpointer.save(step, arrays, {"pieces": pieces})
 
-    field = block.gather(u, ny, nx)
-    rank_seconds = cart.gather(compute_seconds, root=0)
+    heat.reduce()
+    field = block.gather(u)
+    rank_seconds = cart.gather(timer.seconds, root=0)
     if rank == 0:
-        assert field is not None
+        assert field is not None and rank_seconds is not None
+        slowest = max(rank_seconds)
         field_path = atomic_save_npy(args.out / "field.npy", field)
+        parameters: dict[str, Any] = {"nx": args.nx, "ny": args.ny, "steps": steps, "alpha": alpha}
+        if args.nz is not None:
+            parameters["nz"] = args.nz
         write_manifest(
             args.out,
             [field_path],
-            kernel="heat",
-            parameters={"nx": nx, "ny": ny, "steps": steps, "alpha": alpha},
+            kernel=PROG,
+            parameters=parameters,
+            boundaries=dict(zip(names, bc, strict=True)),
             ranks=size,
             dims=list(dims),
             wall_seconds=time.perf_counter() - t_start,
             rank_seconds=rank_seconds,
+            cell_updates_per_second=(
+                math.prod(shape) * (steps - first) / slowest if slowest else None
+            ),
+            total_heat={
+                "every": args.diag_every,
+                "method": "fixed-point integer sum at scale 2**S (rank-count independent)",
+                "scale_exponent": heat.scale,
+                "steps": heat.steps,
+                "values": heat.values,
+            },
+            restarted_from_step=first if args.restart else None,
+            checkpoints_written=checkpointer.saved if checkpointer else 0,
         )
     # Nobody reports success before the outputs exist; if rank 0 fails writing, its Abort
     # reaches ranks still waiting here.
     cart.Barrier()
+    block.free()
     cart.Free()
     return 0
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:
-        print(f"{PROG}: cannot import mpi4py ({exc})", file=sys.stderr)
-        return 1
-
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    try:
-        return _run(argv, comm)
-    except CollectiveError as exc:
-        if rank == 0:
-            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except Exception as exc:
-        print(f"{PROG}: rank {rank}: {_one_line(exc)}", file=sys.stderr, flush=True)
-        if size > 1:
-            comm.Abort(1)
-        return 1
+    return run_kernel(PROG, lambda comm: _run(argv, comm))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

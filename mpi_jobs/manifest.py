@@ -47,7 +47,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write` on a temp file next to `path`, fsync it and rename it onto `path`."""
     # The temp file lives in the destination directory so os.replace is a same-filesystem
     # rename (atomic) rather than a copy.
     # os.open with 0o666 (not mkstemp's 0o600) so the final file gets the usual umask-derived
@@ -67,6 +68,15 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_atomic_write = atomic_write
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically (see `atomic_write`)."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:

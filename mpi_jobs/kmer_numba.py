@@ -1,0 +1,238 @@
+"""Compiled inner loops of the k-mer kernel: parse + encode, partition by owner, count.
+
+k-mers are 2-bit encoded (A=0, C=1, G=2, T=3) into a uint64, so k <= 31 and, for equal k,
+numeric order is lexicographic order: the canonical k-mer (the lexicographic min of a k-mer and
+its reverse complement) is the numeric min of the two codes, both maintained incrementally as
+the sequence is scanned. Counts live in an open-addressing hash table (linear probing) keyed by
+code; `EMPTY` (all ones) can never be a code because codes use at most 62 bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpi_jobs.jit import jit
+
+MAX_K = 31
+EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+# Parse errors (codes returned by `extract`), with the byte offset of the offending record.
+ERR_NONE, ERR_HEADER, ERR_SEPARATOR, ERR_QUALITY, ERR_TRUNCATED = range(5)
+
+_LUT = np.full(256, 4, dtype=np.uint8)
+for _i, _c in enumerate(b"ACGT"):
+    _LUT[_c] = _i
+    _LUT[_c | 0x20] = _i  # lower case (soft-masked) counts as upper case
+BASE_CODES = _LUT
+
+
+@jit
+def _mix(x):  # type: ignore[no-untyped-def]
+    """splitmix64's finaliser: a bijection on uint64 whose output bits all depend on all input
+    bits, so both the owner (high bits) and the table slot (low bits) are well spread."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@jit
+def _scan_bases(data, lo, hi, lut, k, mask, shift, fwd, rc, valid, out, n):  # type: ignore[no-untyped-def]
+    for p in range(lo, hi):
+        code = lut[data[p]]
+        if code > 3:
+            if data[p] == 13:  # '\r' of a CRLF line end: not a base, not a break
+                continue
+            valid = 0
+            continue
+        c = np.uint64(code)
+        fwd = ((fwd << np.uint64(2)) | c) & mask
+        rc = (rc >> np.uint64(2)) | ((np.uint64(3) - c) << shift)
+        valid += 1
+        if valid >= k:
+            out[n] = fwd if fwd < rc else rc
+            n += 1
+    return fwd, rc, valid, n
+
+
+@jit
+def extract(data, fmt, k, lut, out):  # type: ignore[no-untyped-def]
+    """Canonical k-mer codes of every record in `data` (whole records) into `out`.
+
+    Returns ``(n_kmers, error, error_offset, records, bases)``; `fmt` 0 = FASTA, 1 = FASTQ.
+    FASTA sequence continues across line breaks; FASTQ must be 4-line records with a quality
+    line as long as the sequence. Any non-ACGT character breaks the current k-mer run.
+    """
+    size = data.shape[0]
+    mask = (np.uint64(1) << np.uint64(2 * k)) - np.uint64(1)
+    shift = np.uint64(2 * (k - 1))
+    fwd = np.uint64(0)
+    rc = np.uint64(0)
+    valid = 0
+    n = 0
+    records = 0
+    bases = 0
+    line = 0  # FASTQ: line index within the record
+    record_start = 0
+    seq_len = 0
+    p = 0
+    while p < size:
+        q = p
+        while q < size and data[q] != 10:
+            q += 1
+        end = q
+        if end > p and data[end - 1] == 13:
+            end -= 1
+        if fmt == 0:
+            if end > p and data[p] == 62:  # '>'
+                records += 1
+                valid = 0
+            else:
+                bases += end - p
+                fwd, rc, valid, n = _scan_bases(data, p, end, lut, k, mask, shift, fwd, rc,
+                                                valid, out, n)
+        else:
+            if line == 0:
+                if end == p:  # blank line between records
+                    p = q + 1
+                    continue
+                if data[p] != 64:  # '@'
+                    return n, 1, p, records, bases
+                record_start = p
+                records += 1
+            elif line == 1:
+                seq_len = end - p
+                bases += seq_len
+                valid = 0
+                fwd, rc, valid, n = _scan_bases(data, p, end, lut, k, mask, shift, fwd, rc,
+                                                valid, out, n)
+            elif line == 2:
+                if end == p or data[p] != 43:  # '+'
+                    return n, 2, record_start, records, bases
+            else:
+                if end - p != seq_len:
+                    return n, 3, record_start, records, bases
+            line = (line + 1) & 3
+        p = q + 1
+    if fmt == 1 and line != 0:
+        return n, 4, record_start, records, bases
+    return n, 0, 0, records, bases
+
+
+@jit
+def partition(codes, n, parts, out, counts):  # type: ignore[no-untyped-def]
+    """Counting sort of ``codes[:n]`` by owner rank into `out`; `counts` gets each owner's
+    number of codes. Owner = high 32 bits of the mixed code, modulo `parts`."""
+    owners = np.empty(n, dtype=np.int64)
+    counts[:] = 0
+    p64 = np.uint64(parts)
+    for i in range(n):
+        o = np.int64((_mix(codes[i]) >> np.uint64(32)) % p64)
+        owners[i] = o
+        counts[o] += 1
+    offsets = np.zeros(parts, dtype=np.int64)
+    for r in range(1, parts):
+        offsets[r] = offsets[r - 1] + counts[r - 1]
+    for i in range(n):
+        o = owners[i]
+        out[offsets[o]] = codes[i]
+        offsets[o] += 1
+
+
+@jit
+def insert(slots, codes, weights, start, used, limit):  # type: ignore[no-untyped-def]
+    """Add ``weights[i]`` (1 if `weights` is empty) to the count of ``codes[i]``, from `start`.
+
+    `slots` is ``(capacity, 2)``: key and count side by side, so a probe touches one cache
+    line, not two. Stops early when `used` reaches `limit` so the caller can grow the table;
+    returns ``(next index, used)``.
+    """
+    mask = np.uint64(slots.shape[0] - 1)
+    unit = weights.shape[0] == 0
+    for i in range(start, codes.shape[0]):
+        if used >= limit:
+            return i, used
+        code = codes[i]
+        slot = _mix(code) & mask
+        while True:
+            key = slots[slot, 0]
+            if key == code:
+                break
+            if key == EMPTY:
+                slots[slot, 0] = code
+                used += 1
+                break
+            slot = (slot + np.uint64(1)) & mask
+        slots[slot, 1] += np.uint64(1) if unit else np.uint64(weights[i])
+    return codes.shape[0], used
+
+
+@jit
+def _init_slots(slots):  # type: ignore[no-untyped-def]
+    for s in range(slots.shape[0]):
+        slots[s, 0] = EMPTY
+        slots[s, 1] = 0
+
+
+@jit
+def _rehash(old, new):  # type: ignore[no-untyped-def]
+    """Move every entry of `old` into the (empty, larger) `new`; returns the entry count."""
+    mask = np.uint64(new.shape[0] - 1)
+    used = 0
+    for s in range(old.shape[0]):
+        code = old[s, 0]
+        if code == EMPTY:
+            continue
+        slot = _mix(code) & mask
+        while new[slot, 0] != EMPTY:
+            slot = (slot + np.uint64(1)) & mask
+        new[slot, 0] = code
+        new[slot, 1] = old[s, 1]
+        used += 1
+    return used
+
+
+@jit
+def _compact(slots, used):  # type: ignore[no-untyped-def]
+    keys = np.empty(used, dtype=np.uint64)
+    vals = np.empty(used, dtype=np.int64)
+    n = 0
+    for s in range(slots.shape[0]):
+        if slots[s, 0] != EMPTY:
+            keys[n] = slots[s, 0]
+            vals[n] = slots[s, 1]
+            n += 1
+    return keys[:n], vals[:n]
+
+
+class CountTable:
+    """Growable hash table of k-mer code -> count (the owner side of the exchange)."""
+
+    def __init__(self, capacity: int = 1 << 18, load: float = 0.6) -> None:
+        self.slots = self._empty(1 << max(4, (capacity - 1).bit_length()))
+        self.used = 0
+        self.load = load
+
+    @staticmethod
+    def _empty(capacity: int) -> np.ndarray:
+        slots = np.empty((capacity, 2), dtype=np.uint64)
+        _init_slots(slots)
+        return slots
+
+    def _grow(self) -> None:
+        # x4: a table that grew once will likely grow again; fewer rehashes of a big table.
+        bigger = self._empty(self.slots.shape[0] * 4)
+        self.used = _rehash(self.slots, bigger)
+        self.slots = bigger
+
+    def add(self, codes: np.ndarray, weights: np.ndarray | None = None) -> None:
+        w = np.empty(0, dtype=np.int64) if weights is None else weights.astype(np.int64)
+        i = 0
+        while i < codes.shape[0]:
+            limit = int(self.slots.shape[0] * self.load)
+            i, self.used = insert(self.slots, codes, w, i, self.used, limit)
+            if i < codes.shape[0]:
+                self._grow()
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes, counts)`` of the k-mers in the table, in no particular order."""
+        return _compact(self.slots, self.used)  # type: ignore[no-any-return]
