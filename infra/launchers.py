@@ -33,7 +33,12 @@ def find_mpiexec() -> str:
 
 @dataclass(frozen=True)
 class MpiexecLauncher:
-    """Open MPI's mpiexec; ``oversubscribe`` lets N exceed the cores (fine for correctness)."""
+    """Open MPI's mpiexec; ``oversubscribe`` lets N exceed the cores (fine for correctness).
+
+    Inside a Slurm allocation use ``oversubscribe=False``: Open MPI reads the allocation from
+    ``SLURM_*`` and places the ranks on the slots Slurm granted, so asking for more ranks than
+    the job has tasks is refused there instead of silently piling onto one node.
+    """
 
     oversubscribe: bool = True
 
@@ -44,6 +49,28 @@ class MpiexecLauncher:
         if self.oversubscribe:
             cmd.append("--oversubscribe")
         return [*cmd, *argv]
+
+
+@dataclass(frozen=True)
+class SrunLauncher:
+    """Slurm's own step launcher, for use inside an allocation (an sbatch script).
+
+    ``--mpi=pmix`` makes slurmstepd the PMIx server that Open MPI's ranks wire up through
+    (``pmi2``/``none`` would start every rank as its own size-1 job); the step is then a
+    first-class Slurm object: scancel, accounting and time limits apply to every rank.
+    ``--kill-on-bad-exit`` takes the whole step down when one rank dies without MPI_Abort,
+    so its neighbours do not wait in a halo exchange until the time limit.
+    """
+
+    mpi: str = "pmix"
+    kill_on_bad_exit: bool = True
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, ranks: int, argv: list[str]) -> list[str]:
+        cmd = ["srun", f"--mpi={self.mpi}", "-n", str(ranks)]
+        if self.kill_on_bad_exit:
+            cmd.append("--kill-on-bad-exit=1")
+        return [*cmd, *self.extra_args, *argv]
 
 
 def python_module(module: str, *args: str) -> list[str]:
