@@ -7,11 +7,18 @@ the same account or endpoint converges on one topology. Policies are the ones re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-from botocore.exceptions import ClientError
-
+from event_bridge.apply import apply_fabric
+from event_bridge.fabric import (
+    BucketSpec,
+    Fabric,
+    QueueSpec,
+    RuleSpec,
+    SubscriptionSpec,
+    TargetSpec,
+    TopicSpec,
+)
 from infra.aws import AwsTarget
 
 
@@ -54,90 +61,27 @@ class AppliedTopology:
     dlq_urls: dict[str, str] = field(default_factory=dict)
 
 
-def _queue_arn(sqs, url: str) -> str:
-    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
-    return attrs["Attributes"]["QueueArn"]
-
-
-def _ensure_queue(sqs, name: str, attributes: dict[str, str]) -> str:
-    try:
-        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-    except ClientError as e:
-        if e.response["Error"]["Code"] not in (
-            "AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist",
-        ):
-            raise
-        return sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-    sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
-    return url
-
-
-def _enable_eventbridge_notifications(s3, bucket: str) -> None:
-    """Turn on S3 -> EventBridge while keeping any notifications the bucket already has."""
-    current = s3.get_bucket_notification_configuration(Bucket=bucket)
-    current.pop("ResponseMetadata", None)
-    if "EventBridgeConfiguration" in current:
-        return
-    current["EventBridgeConfiguration"] = {}
-    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=current)
+def topology_fabric(topo: FanOutTopology) -> Fabric:
+    """The pipeline's fan-out as a fabric, so it is applied by the same idempotent code."""
+    return Fabric(
+        buckets=[BucketSpec(name=topo.results_bucket, create=False, eventbridge=True)],
+        queues=[QueueSpec(name=q, visibility_timeout=topo.visibility_timeout,
+                          max_receive_count=topo.max_receive_count) for q in topo.queues],
+        topics=[TopicSpec(name=topo.topic,
+                          subscriptions=[SubscriptionSpec(queue=q) for q in topo.queues])],
+        rules=[RuleSpec(
+            name=topo.rule_name, pattern=topo.event_pattern(),
+            description=f"Result manifests in s3://{topo.results_bucket}/{topo.key_prefix} -> SNS",
+            targets=[TargetSpec(topic=topo.topic, id="fanout-topic")])],
+        dedup=None,
+    )
 
 
 def apply_topology(aws: AwsTarget, topo: FanOutTopology) -> AppliedTopology:
-    s3, events, sns, sqs = (aws.client(s) for s in ("s3", "events", "sns", "sqs"))
-
-    topic_arn = sns.create_topic(Name=topo.topic)["TopicArn"]
-    rule_arn = events.put_rule(
-        Name=topo.rule_name,
-        EventPattern=json.dumps(topo.event_pattern()),
-        State="ENABLED",
-        Description=f"Result manifests in s3://{topo.results_bucket}/{topo.key_prefix} -> SNS",
-    )["RuleArn"]
-    sns.set_topic_attributes(
-        TopicArn=topic_arn, AttributeName="Policy",
-        AttributeValue=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Sid": "EventBridgePublish", "Effect": "Allow",
-                "Principal": {"Service": "events.amazonaws.com"},
-                "Action": "sns:Publish", "Resource": topic_arn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}},
-            }],
-        }),
+    applied = apply_fabric(aws, topology_fabric(topo))
+    return AppliedTopology(
+        rule_arn=applied.rules[topo.rule_name],
+        topic_arn=applied.topics[topo.topic],
+        queue_urls={q: applied.queues[q].url for q in topo.queues},
+        dlq_urls={q: applied.queues[q].dlq_url or "" for q in topo.queues},
     )
-    events.put_targets(Rule=topo.rule_name, Targets=[{"Id": "fanout-topic", "Arn": topic_arn}])
-
-    applied = AppliedTopology(rule_arn=rule_arn, topic_arn=topic_arn)
-    existing = {
-        s["Endpoint"]
-        for page in sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn)
-        for s in page["Subscriptions"]
-    }
-    for name in topo.queues:
-        dlq_url = _ensure_queue(sqs, f"{name}-dlq", {"MessageRetentionPeriod": "1209600"})
-        url = _ensure_queue(sqs, name, {
-            "VisibilityTimeout": str(topo.visibility_timeout),
-            "RedrivePolicy": json.dumps({
-                "deadLetterTargetArn": _queue_arn(sqs, dlq_url),
-                "maxReceiveCount": str(topo.max_receive_count),
-            }),
-        })
-        queue_arn = _queue_arn(sqs, url)
-        sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Sid": "TopicSend", "Effect": "Allow",
-                "Principal": {"Service": "sns.amazonaws.com"},
-                "Action": "sqs:SendMessage", "Resource": queue_arn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
-            }],
-        })})
-        if queue_arn not in existing:
-            sns.subscribe(
-                TopicArn=topic_arn, Protocol="sqs", Endpoint=queue_arn,
-                Attributes={"RawMessageDelivery": "true"}, ReturnSubscriptionArn=True,
-            )
-        applied.queue_urls[name] = url
-        applied.dlq_urls[name] = dlq_url
-
-    _enable_eventbridge_notifications(s3, topo.results_bucket)
-    return applied
