@@ -1,0 +1,452 @@
+"""``clusterflow local up|down|status``: a long-lived local stack in the background.
+
+``up`` starts, each in its own session (so a signal reaches the whole process group and a
+worker started from a non-interactive shell still honours SIGTERM):
+
+- a Prefect server (``prefect server start``) with the services event-triggered and
+  scheduled deployments need (triggers/actions, scheduler), its database under the state dir;
+- the embedded AWS endpoint (moto + clusterflow's extensions), recorded in ``moto.json`` so
+  every ``clusterflow`` command and flow run reuses it;
+- a ``process`` work pool worker, which runs the deployments' flow runs;
+- the event fabric (``event_bridge/fabric.yaml``: buckets, rules, topics, queues with DLQs,
+  the dedup table), applied to that endpoint, and its background consumers
+  (``clusterflow events consume``), among them the Prefect bridge
+  (``event_bridge.prefect_bridge:handler``) on ``input-uploads`` and ``result-events``.
+
+Everything it starts is recorded in ``local-stack.json`` (pid and process start time, so a
+recycled pid is never signalled), with logs under ``logs/``. ``down`` stops exactly those
+processes and their descendants (flow runs, MPI ranks), SIGTERM first, SIGKILL after a grace
+period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+from pydantic import BaseModel
+
+from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
+from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
+from flows.spec import DEFAULT_SPEC, load_spec
+from infra.aws import AwsTarget
+from infra.embedded_aws import MotoServer, _free_port
+
+REPO = Path(__file__).resolve().parent.parent
+PREFECT_FILE = REPO / "prefect.yaml"
+BIN = Path(sys.executable).parent
+STATE_FILE = "local-stack.json"
+# ``down`` stops the clients (consumers, worker) before the services they talk to.
+COMPONENTS = ("moto", "prefect-server", "worker", "consumers")
+STARTUP_TIMEOUT_S = 180.0
+
+# The stack's server runs deployments, so it needs the services a single CLI run does not:
+# triggers (reactive and proactive automations, and the actions that start runs), the
+# scheduler (cron), late runs and the foreman (worker/pool health). Events are persisted
+# every second (default 5) so the events API shows what the bridge emitted at once.
+STACK_SERVER_SETTINGS = {
+    **LOCAL_SERVER_DEFAULTS,
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "true",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+}
+# Workers poll for runs every 10 s by default; locally a run should start within ~2 s.
+STACK_CLIENT_SETTINGS = {
+    "PREFECT_WORKER_QUERY_SECONDS": "2",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+
+
+class StackError(RuntimeError):
+    """The local stack cannot be started, stopped or inspected; the message says why."""
+
+
+class Component(BaseModel):
+    name: str
+    pid: int
+    create_time: float
+    command: list[str]
+    log: str
+    url: str | None = None
+
+
+class StackState(BaseModel):
+    home: str
+    started_at: str
+    spec: str
+    fabric: str = ""
+    work_pool: str
+    prefect_api_url: str | None = None
+    moto_url: str | None = None
+    consumers: list[str] = []
+    components: dict[str, Component] = {}
+
+
+def default_work_pool() -> str:
+    """The pool prefect.yaml's deployments name (the first one)."""
+    doc = yaml.safe_load(PREFECT_FILE.read_text())
+    for dep in doc.get("deployments", []):
+        name = (dep.get("work_pool") or {}).get("name")
+        if name:
+            return str(name)
+    raise StackError(f"{PREFECT_FILE} names no work pool")
+
+
+def _state_path(home: Path) -> Path:
+    return home / STATE_FILE
+
+
+def load_state(home: Path) -> StackState | None:
+    try:
+        return StackState.model_validate_json(_state_path(home).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise StackError(f"{_state_path(home)} is unreadable ({e}); remove it if no stack "
+                         "is running") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _save(state: StackState) -> None:
+    _write_json(_state_path(Path(state.home)), state.model_dump(mode="json"))
+
+
+def recorded_prefect_api(home: Path) -> str | None:
+    """The API URL of a running local stack's Prefect server, if it answers."""
+    state = load_state(home)
+    if state and state.prefect_api_url and _healthy(state.prefect_api_url + "/health"):
+        return state.prefect_api_url
+    return None
+
+
+# ---------------------------------------------------------------------------- processes
+
+def _process(c: Component) -> psutil.Process | None:
+    """The recorded process if it still runs (same pid *and* start time), else None."""
+    try:
+        p = psutil.Process(c.pid)
+        if abs(p.create_time() - c.create_time) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _reset_signals() -> None:
+    # A parent started with `cmd &` hands down SIGINT ignored; Prefect's worker then also
+    # ignores SIGTERM. Children get default handlers whatever their parent had.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _spawn(name: str, command: list[str], env: dict[str, str], log: Path,
+           url: str | None = None) -> tuple[Component, subprocess.Popen[bytes]]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_reset_signals)
+    return Component(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
+                     command=command, log=str(log), url=url), proc
+
+
+def _tail(path: str | Path, chars: int = 1500) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait_for(what: str, ready: Any, proc: subprocess.Popen[bytes], log: str,
+              timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited at start (code {proc.returncode}); its log "
+                             f"{log} ends with:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} was not ready within {timeout:.0f} s; see {log}:\n"
+                             f"{_tail(log)}")
+        time.sleep(0.25)
+
+
+def _stop(components: list[Component], grace_s: float) -> tuple[list[int], list[int]]:
+    """SIGTERM each component's process group and descendants; SIGKILL what outlives grace.
+
+    Returns (signalled pids, pids that needed SIGKILL).
+    """
+    procs: dict[int, psutil.Process] = {}
+    for c in components:
+        root = _process(c)
+        if root is None:
+            continue
+        with contextlib.suppress(psutil.Error):
+            for p in [root, *root.children(recursive=True)]:
+                procs[p.pid] = p
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(c.pid, signal.SIGTERM)  # each was started as its own group leader
+    for p in procs.values():  # descendants that made their own groups (flow runs)
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed = []
+    for p in procs.values():
+        if _alive(p):
+            killed.append(p.pid)
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    me = os.getpid()
+    for p in procs.values():  # reap our own children (on a failed `up`)
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if p.ppid() == me:
+                p.wait(timeout=5)
+    return sorted(procs), sorted(killed)
+
+
+# ---------------------------------------------------------------------------- fabric
+
+def background_consumers(fabric: Fabric) -> list[str]:
+    """What ``events consume`` runs: ``source -> handler`` for each background consumer."""
+    return [f"{c.queue or c.topic} -> {c.handler}" for c in fabric.consumers if c.background]
+
+
+def apply_event_fabric(aws: AwsTarget, fabric: Fabric) -> None:
+    from event_bridge.apply import apply_fabric
+
+    apply_fabric(aws, fabric)
+
+
+# ---------------------------------------------------------------------------- prefect
+
+@contextlib.contextmanager
+def prefect_api(url: str) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
+def ensure_work_pool(api_url: str, name: str, require_process: bool = True) -> None:
+    """Create a ``process`` work pool if missing (deployments must name an existing one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with prefect_api(api_url), get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return
+    if require_process and pool.type != "process":
+        raise StackError(f"work pool {name!r} exists with type {pool.type!r}; the local "
+                         "stack needs a 'process' pool (pick another name with --pool)")
+
+
+def _worker_online(api_url: str, pool: str) -> bool:
+    from prefect.client.orchestration import get_client
+
+    try:
+        with prefect_api(api_url), get_client(sync_client=True) as client:
+            return any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(pool))
+    except Exception:
+        return False
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_") and k != "AWS_ENDPOINT_URL"}
+    env.update(CLUSTERFLOW_HOME=str(home), PREFECT_HOME=str(home / "stack" / "prefect"),
+               PYTHONUNBUFFERED="1", COLUMNS="200")  # rich wraps logs at 80 columns
+    return env
+
+
+# ---------------------------------------------------------------------------- commands
+
+def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
+       work_pool: str | None = None, fabric_path: Path = DEFAULT_FABRIC,
+       ) -> tuple[StackState, bool]:
+    """Start the stack; returns (state, started). Already running: (state, False)."""
+    home = home.resolve()
+    existing = load_state(home)
+    if existing is not None:
+        running = {n: _process(c) is not None for n, c in existing.components.items()}
+        if running and all(running.values()) and set(running) == set(COMPONENTS):
+            return existing, False
+        if any(running.values()):
+            dead = ", ".join(n for n in COMPONENTS if not running.get(n))
+            raise StackError(f"the local stack in {home} is partly running ({dead} not "
+                             "running); run `clusterflow local down`, then `up` again")
+        _forget(home, existing)
+    spec = load_spec(spec_path)
+    try:
+        fabric = load_fabric(fabric_path)
+    except FabricError as e:
+        raise StackError(str(e)) from None
+    work_pool = work_pool or default_work_pool()
+    (home / "stack" / "prefect").mkdir(parents=True, exist_ok=True)
+    logs = home / "logs"
+    state = StackState(home=str(home), started_at=datetime.now(timezone.utc).isoformat(),
+                       spec=str(Path(spec_path).resolve()),
+                       fabric=str(Path(fabric_path).resolve()), work_pool=work_pool)
+    started: list[Component] = []
+    try:
+        # The server is the slow one (database migration on a fresh home): start it first
+        # and bring the rest up while it gets ready.
+        port = port or _free_port()
+        api_url = f"http://127.0.0.1:{port}/api"
+        server_env = {**_env(home), **STACK_SERVER_SETTINGS}
+        server, server_proc = _spawn(
+            "prefect-server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+             str(port)], server_env, logs / "prefect-server.log", url=api_url)
+        started.append(server)
+        state.components[server.name] = server
+        state.prefect_api_url = api_url
+        _save(state)
+
+        moto = MotoServer(logs / "moto.log").start()
+        assert moto.proc is not None
+        started.append(Component(name="moto", pid=moto.proc.pid,
+                                 create_time=psutil.Process(moto.proc.pid).create_time(),
+                                 command=[str(a) for a in moto.proc.args], log=str(moto.log_path),
+                                 url=moto.url))
+        state.components["moto"] = started[-1]
+        state.moto_url = moto.url
+        _save(state)
+        _write_json(home / "moto.json", {"url": moto.url, "pid": moto.proc.pid})
+        aws = AwsTarget(region=spec.region, endpoint_url=moto.url, embedded=True)
+        apply_event_fabric(aws, fabric)
+        state.consumers = background_consumers(fabric)
+
+        _wait_for("the Prefect server", lambda: _healthy(f"{api_url}/health"), server_proc,
+                  server.log)
+        ensure_work_pool(api_url, work_pool)
+        client_env = {**_env(home), **STACK_CLIENT_SETTINGS, "PREFECT_API_URL": api_url,
+                      "CLUSTERFLOW_SPEC": state.spec}
+        worker, worker_proc = _spawn(
+            "worker",
+            [str(BIN / "prefect"), "worker", "start", "--pool", work_pool, "--type", "process",
+             "--name", f"clusterflow-local-{port}"], client_env, logs / "worker.log")
+        started.append(worker)
+        state.components[worker.name] = worker
+        _save(state)
+
+        consumers, consumers_proc = _spawn(
+            "consumers",
+            [sys.executable, "-m", "event_bridge.cli", "consume", "--fabric", state.fabric,
+             "--aws", "embedded", "--region", spec.region],
+            client_env, logs / "consumers.log")
+        started.append(consumers)
+        state.components[consumers.name] = consumers
+        _save(state)
+
+        _wait_for("the worker", lambda: _worker_online(api_url, work_pool), worker_proc,
+                  worker.log)
+        _wait_for("the consumers", lambda: "consuming" in _tail(consumers.log, 20000),
+                  consumers_proc, consumers.log)
+        _write_json(home / "prefect.json", {"url": api_url, "pid": server.pid})
+    except BaseException:
+        _stop(list(reversed(started)), grace_s=10)
+        _forget(home, state)
+        raise
+    return state, True
+
+
+def _forget(home: Path, state: StackState) -> None:
+    for name in ("moto.json", "prefect.json"):
+        path = home / name
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            recorded = json.loads(path.read_text())["pid"]
+            if any(c.pid == recorded for c in state.components.values()):
+                path.unlink()
+    _state_path(home).unlink(missing_ok=True)
+
+
+def down(home: Path, grace_s: float = 15.0) -> dict[str, Any]:
+    """Stop what ``up`` started (and their descendants); returns what was stopped."""
+    home = home.resolve()
+    state = load_state(home)
+    if state is None:
+        return {"home": str(home), "stopped": {}, "was_running": False}
+    running = {n: c for n, c in state.components.items() if _process(c) is not None}
+    # Consumers and worker first (no new events, no new runs), then the services.
+    first = [running[n] for n in ("consumers", "worker") if n in running]
+    second = [running[n] for n in ("prefect-server", "moto") if n in running]
+    signalled, killed = _stop(first, grace_s)
+    signalled2, killed2 = _stop(second, grace_s)
+    _forget(home, state)
+    return {"home": str(home), "was_running": True,
+            "stopped": {c.name: c.pid for c in [*first, *second]},
+            "pids_signalled": signalled + signalled2, "pids_killed": killed + killed2}
+
+
+def status(home: Path) -> dict[str, Any]:
+    home = home.resolve()
+    state = load_state(home)
+    if state is None:
+        return {"home": str(home), "state": "stopped", "components": {}}
+    components: dict[str, Any] = {}
+    for name in COMPONENTS:
+        c = state.components.get(name)
+        if c is None:
+            components[name] = {"running": False}
+            continue
+        proc = _process(c)
+        info: dict[str, Any] = {"running": proc is not None, "pid": c.pid, "log": c.log}
+        if c.url:
+            info["url"] = c.url
+        if name == "prefect-server" and proc is not None and c.url:
+            info["healthy"] = _healthy(f"{c.url}/health")
+        if name == "moto" and proc is not None and c.url:
+            from infra.embedded_aws import _answers
+
+            info["healthy"] = _answers(c.url or "")
+        components[name] = info
+    up_count = sum(1 for v in components.values() if v["running"])
+    overall = ("running" if up_count == len(COMPONENTS)
+               else "stopped" if up_count == 0 else "degraded")
+    return {"home": str(home), "state": overall, "started_at": state.started_at,
+            "prefect_api_url": state.prefect_api_url, "moto_url": state.moto_url,
+            "work_pool": state.work_pool, "spec": state.spec, "fabric": state.fabric,
+            "consumers": state.consumers,
+            "components": components}
