@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # This machine's pip.conf names local wheel indexes that may not exist; its warnings are noise.
 PIPQUIET := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint slurm bench bench-kernels bench-staging bench-events bench-scheduling clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,31 @@ run: venv
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv lint
+# A real single-node Slurm for the slurm backend: installs Debian's slurm-wlm when root and
+# missing, writes a config under .clusterflow/slurm, starts munge/slurmctld/slurmd. Idempotent.
+slurm: venv
+	$(BIN)/python -m infra.slurm_local up
+
+test: venv lint slurm
 	$(BIN)/python -m pytest -q
+
+# Benchmarks print ratios measured side by side in one run; results go to bench/results/.
+bench: bench-kernels bench-staging bench-events bench-scheduling
+
+bench-kernels: venv
+	$(BIN)/python bench/kernels_heat.py
+	$(BIN)/python bench/kernels_kmer.py
+	$(BIN)/python bench/mpi_pingpong.py
+	$(BIN)/python bench/kernels_plot.py
+
+bench-staging: venv
+	$(BIN)/python bench/staging.py
+
+bench-events: venv
+	$(BIN)/python bench/fanout.py
+
+bench-scheduling: venv slurm
+	$(BIN)/python bench/scheduling_overhead.py --jobs 20
 
 clean:
 	rm -rf .clusterflow

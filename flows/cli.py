@@ -15,7 +15,7 @@ from flows.spec import DEFAULT_SPEC, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="HPC pipelines on AWS as Prefect flows.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # long paths and errors stay greppable
 
 
 @app.callback()
@@ -33,7 +33,7 @@ def _summary(result: dict[str, Any]) -> None:
         table.add_row(stage, f"{secs:.2f}")
     table.add_row("[bold]total[/]", f"{sum(result['seconds'].values()):.2f}")
     out.print(table)
-    out.print(f"field.npy sha256  {result['field_sha256']}")
+    out.print(f"{result['result']:<17} sha256 {result['result_sha256']}")
     out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)")
     out.print(f"results           {result['s3']['results']}")
     out.print(f"scratch           {result['scratch_dir']}")
@@ -46,13 +46,17 @@ def _summary(result: dict[str, Any]) -> None:
 def run(
     spec: Annotated[Path, typer.Option(help="Pipeline spec YAML.")] = DEFAULT_SPEC,
     ranks: Annotated[int | None, typer.Option(help="MPI ranks (overrides the spec).")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="Where ranks run: local | slurm | parallelcluster | batch (overrides the spec)."
+    )] = None,
     aws: Annotated[str | None, typer.Option(
         help="'embedded' (local moto, the default) or 'real' (your AWS account).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
     try:
-        load_spec(spec, ranks=ranks, aws=aws)  # refuse a bad spec before anything starts
+        # Refuse a bad spec before anything starts.
+        load_spec(spec, ranks=ranks, aws=aws, backend=backend)
     except SpecError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -68,7 +72,8 @@ def run(
     try:
         # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws)
+            result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
+                                  backend=backend)
     except Exception as e:  # the flow already logged the traceback through Prefect
         err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
@@ -77,6 +82,27 @@ def run(
     else:
         _summary(result)
 
+
+def _mount() -> None:
+    """Each area owns its commands; the CLI only gathers them."""
+    from event_bridge.cli import app as events_app
+    from flows.local_cli import local_app
+    from flows.local_cli import register as register_deploy
+    from infra.cluster_cli import register as register_validate
+    from infra.ha.cli import ha_app
+    from infra.slurm_local import app as slurm_app
+    from infra.stage_cli import register as register_stage
+
+    register_validate(app)  # clusterflow validate FILE...
+    register_stage(app)  # clusterflow stage SRC DST
+    register_deploy(app)  # clusterflow deploy
+    app.add_typer(events_app, name="events")  # apply | show | drain | replay | dlq ...
+    app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
+    app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
+    app.add_typer(ha_app, name="ha")  # drill ...
+
+
+_mount()
 
 if __name__ == "__main__":
     app()

@@ -7,9 +7,13 @@ The consume stage proves it by reading, verifying and acknowledging the event on
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,16 +22,19 @@ from typing import Any
 from botocore.exceptions import ClientError
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from pydantic import ValidationError
 
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
-from flows.spec import DEFAULT_SPEC, PipelineSpec, load_spec
+from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws import AwsTarget
 from infra.embedded_aws import aws_target
 from infra.launchers import python_module
-from infra.providers.base import JobState
+from infra.providers.base import ExecutionProvider, JobState, JobStatus
 from infra.providers.local import LocalProvider
-from infra.staging import Transferred, download, exists, upload
+from infra.providers.polling import Backoff, wait
+from infra.staging import IntegrityError, Transferred, download, exists, upload
 
 MANIFEST = "manifest.json"
 
@@ -80,23 +87,60 @@ def provision(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> AppliedTopol
     return applied
 
 
+def input_key(spec: PipelineSpec) -> str:
+    """The S3 key of the kernel's input: the spec's own, or the generated sample's."""
+    if spec.kernel.input_key:
+        return spec.kernel.input_key
+    return spec.storage.input_prefix + spec.kernel_info.input_key(spec.kernel.parameters)
+
+
+def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
+    """A heat spec with its grid set to an uploaded field's shape (re-validated: ranks fit).
+
+    An uploaded initial field decides the grid; other kernels read their input as is.
+    """
+    if spec.kernel.name != "heat":
+        return spec
+    import numpy as np
+
+    try:
+        field = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SpecError(f"the heat input {path.name} is not a .npy array: {e}") from None
+    if field.ndim not in (2, 3):
+        raise SpecError(f"the heat input must be 2D (ny, nx) or 3D (nz, ny, nx), got shape "
+                        f"{field.shape}")
+    raw = spec.model_dump()
+    shape = dict(zip(("ny", "nx") if field.ndim == 2 else ("nz", "ny", "nx"),
+                     (int(n) for n in field.shape), strict=True))
+    if field.ndim == 2:
+        shape["nz"] = None
+    raw["kernel"]["parameters"].update(shape)
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"the input {path.name} does not fit the spec: {e}") from None
+
+
 @task(name="stage_in", cache_policy=NO_CACHE)
 def stage_in(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> Transferred:
-    """Fetch the kernel's input from S3 into scratch, generating and uploading it once."""
-    from mpi_jobs.initial_conditions import heat_hotspots
-    from mpi_jobs.manifest import atomic_save_npy
+    """Fetch the kernel's input from S3 into scratch, generating and uploading it once.
 
+    A user's own input (``kernel.input_key``, or the on-upload deployment's key) must exist
+    and carry a SHA-256 (an S3 additional checksum or ``sha256`` metadata); the generated
+    sample is deterministic in the kernel's parameters, so its key names them.
+    """
     logger = get_run_logger()
-    p = spec.kernel.parameters
-    bucket = spec.storage.input_bucket
-    key = f"{spec.storage.input_prefix}heat-{p.ny}x{p.nx}.npy"
-    if not exists(aws, bucket, key):
-        generated = run_dir / "generated-input.npy"
-        atomic_save_npy(generated, heat_hotspots(p.ny, p.nx))
+    info = spec.kernel_info
+    bucket, key = spec.storage.input_bucket, input_key(spec)
+    if spec.kernel.input_key is None and not exists(aws, bucket, key):
+        generated = run_dir / f"generated-{Path(key).name}"
+        info.make_input(spec.kernel.parameters, generated)
         upload(aws, generated, bucket, key)
         generated.unlink()
-        logger.info("generated the initial condition and uploaded it to s3://%s/%s", bucket, key)
-    staged = download(aws, bucket, key, run_dir / "in" / "initial.npy")
+        logger.info("generated the %s input and uploaded it to s3://%s/%s", info.name,
+                    bucket, key)
+    staged = download(aws, bucket, key, run_dir / "in" / Path(key).name)
     logger.info("staged %s (%d bytes, sha256 %s) to %s", staged.uri, staged.bytes,
                 staged.sha256[:12], staged.path)
     return staged
@@ -120,39 +164,121 @@ def _rank_error(stderr: str) -> str:
     return "; ".join(own) if own else "\n".join(lines[-15:])
 
 
-@task(name="mpi_run", cache_policy=NO_CACHE)
-def mpi_run(spec: PipelineSpec, input_path: Path, run_dir: Path) -> dict[str, Any]:
+def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
+    from infra.providers.slurm import SlurmProvider
+
+    o = spec.slurm
+    return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
+                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args)
+
+
+@contextlib.contextmanager
+def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[ExecutionProvider]:
+    """The spec's provider, for the duration of one MPI job.
+
+    The cloud backends create what they need on entry (a cluster, a Batch environment) and
+    apply the spec's ``teardown`` on exit, whether the job succeeded or not.
+    """
+    if spec.backend == "local":
+        yield LocalProvider()
+    elif spec.backend == "slurm":
+        yield slurm_provider(spec)
+    elif spec.backend == "parallelcluster":
+        from infra.backends import parallelcluster_backend
+
+        with parallelcluster_backend(spec.parallelcluster, aws, progress=logger.info) as p:
+            yield p
+    else:
+        from infra.backends import batch_backend
+
+        with batch_backend(spec.batch, aws, progress=logger.info) as p:
+            yield p
+
+
+def result_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """With ``reuse_result``: the kernel, its parameters and the input's bytes, nothing else.
+
+    Ranks and backend are left out on purpose: every kernel gives the same bits for any rank
+    count, so a result computed on 64 ranks is the answer for 2. The results location is in,
+    because reuse means fetching the earlier run's published files from there.
+    """
+    spec: PipelineSpec = parameters["spec"]
+    if not spec.reuse_result:
+        return None
+    identity = {
+        "kernel": spec.kernel.name,
+        "parameters": spec.kernel.parameters.model_dump(mode="json"),
+        "input_sha256": parameters["input_sha256"],
+        "results": [spec.storage.results_bucket, spec.storage.results_prefix],
+    }
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return "clusterflow-result-" + hashlib.sha256(blob).hexdigest()
+
+
+@task(name="mpi_run", cache_key_fn=result_cache_key, persist_result=True,
+      result_serializer="json")
+def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: str,
+            run_dir: Path, run_id: str) -> dict[str, Any]:
+    """Run the kernel on ``spec.ranks`` ranks; a failed job raises with the rank's own error.
+
+    With ``kernel.checkpoint_every`` the kernel checkpoints into the run directory, and a
+    retry (``kernel.retries``) resumes from the newest complete checkpoint instead of step 0.
+    Returns the manifest and the run that computed it: with ``reuse_result`` Prefect returns
+    an earlier run's record for the same (kernel, parameters, input) without running.
+    """
     logger = get_run_logger()
-    p = spec.kernel.parameters
+    info = spec.kernel_info
     out_dir = run_dir / "out"
-    argv = python_module(
-        f"mpi_jobs.{spec.kernel.name}", "--nx", str(p.nx), "--ny", str(p.ny),
-        "--steps", str(p.steps), "--alpha", repr(p.alpha),
-        "--in", str(input_path), "--out", str(out_dir),
-    )
-    provider = LocalProvider()
-    command = provider.launcher().command(spec.ranks, argv)
-    logger.info("launching on %s: %s", provider.label, " ".join(command))
-    job = provider.submit(command, ranks=spec.ranks, job_name=spec.kernel.name, workdir=run_dir,
-                          env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    offsets = {job.stdout: 0, job.stderr: 0}
-    try:
-        while True:
-            status = provider.status(job)
+    checkpoints = run_dir / "checkpoints" if spec.kernel.checkpoint_every else None
+    restart = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
+    argv = python_module(info.module, *info.argv(
+        spec.kernel.parameters, input_path, out_dir, checkpoint_dir=checkpoints,
+        checkpoint_every=spec.kernel.checkpoint_every, restart=restart))
+    if restart:
+        logger.info("resuming %s from the checkpoints in %s", info.name, checkpoints)
+    with open_backend(spec, aws, logger) as provider:
+        command = provider.launcher().command(spec.ranks, argv)
+        logger.info("launching on %s: %s", provider.label, " ".join(command))
+        job = provider.submit(command, ranks=spec.ranks, job_name=info.name, workdir=run_dir,
+                              env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        offsets = {job.stdout: 0, job.stderr: 0}
+
+        def forward(_: JobStatus) -> None:
             for path in offsets:
-                offsets[path] = _forward(path, offsets[path], f"[{spec.kernel.name}]", logger)
-            if status.state.terminal:
-                break
-            time.sleep(0.1)
-    except BaseException:
-        provider.cancel(job)  # a cancelled flow must not leave ranks running
-        raise
+                offsets[path] = _forward(path, offsets[path], f"[{info.name}]", logger)
+
+        # A local job is watched closely (it is seconds long and nobody else is asked); a
+        # scheduler is a shared service and is polled with backoff.
+        backoff = Backoff(first=0.1, cap=0.1) if spec.backend == "local" else Backoff()
+        try:
+            status = wait(provider, job, on_poll=forward, backoff=backoff)
+        except BaseException:
+            provider.cancel(job)  # a cancelled flow must not leave ranks running
+            raise
     if status.state is not JobState.COMPLETED:
         raise MpiJobFailed(
-            f"{spec.kernel.name} on {spec.ranks} ranks failed ({status.message}): "
+            f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
             f"{_rank_error(job.stderr.read_text(errors='replace'))}"
         )
-    return json.loads((out_dir / MANIFEST).read_text())
+    return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text())}
+
+
+@task(name="fetch_result", cache_policy=NO_CACHE)
+def fetch_result(spec: PipelineSpec, aws: AwsTarget, computed_by: str, manifest: dict[str, Any],
+                 out_dir: Path) -> None:
+    """The earlier run's published outputs into this run's out dir, each verified against
+    the manifest's sha256 (and S3's own checksum on the way down)."""
+    prefix = f"{spec.storage.results_prefix}{computed_by}/"
+    for f in manifest["files"]:
+        got = download(aws, spec.storage.results_bucket, prefix + f["name"], out_dir / f["name"])
+        if got.sha256 != f["sha256"]:
+            got.path.unlink()
+            raise IntegrityError(f"{got.uri}: sha256 {got.sha256} is not the manifest's "
+                                 f"{f['sha256']}")
+    (out_dir / MANIFEST).write_text(json.dumps({**manifest, "reused_from": computed_by},
+                                               indent=2) + "\n")
+    get_run_logger().info("reused the result of run %s (same kernel, parameters and input)",
+                          computed_by)
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -181,32 +307,59 @@ def consume(aws: AwsTarget, applied: AppliedTopology, manifest_key: str) -> dict
 
 
 @flow(name="hpc-pipeline", log_prints=True)
-def hpc_pipeline(spec_path: str = str(DEFAULT_SPEC), ranks: int | None = None,
-                 aws_mode: str | None = None, run_id: str | None = None) -> dict[str, Any]:
-    """Run one pipeline spec end to end and return the run's summary (see ``--json``)."""
-    spec = load_spec(spec_path, ranks=ranks, aws=aws_mode)
+def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
+                 aws_mode: str | None = None, run_id: str | None = None,
+                 input_key: str | None = None, backend: str | None = None) -> dict[str, Any]:
+    """Run one pipeline spec end to end and return the run's summary (see ``--json``).
+
+    ``spec_path`` defaults to ``$CLUSTERFLOW_SPEC`` (the spec a ``clusterflow local up``
+    stack runs), else the bundled spec. ``input_key``: an object in the spec's input bucket
+    to run on instead of the generated sample (the on-upload deployment passes the uploaded
+    key); for heat its shape sets the grid.
+    """
+    spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
+    spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
+    if input_key is not None:
+        raw = spec.model_dump()
+        raw["kernel"]["input_key"] = input_key
+        spec = PipelineSpec.model_validate(raw)
     run_id = run_id or new_run_id(spec)
     run_dir = (spec.scratch_dir / run_id).resolve()
     seconds: dict[str, float] = {}
 
-    def timed(name: str, fn: Any, *args: Any) -> Any:
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
     with aws_target(spec.aws, spec.region) as aws:
         applied = timed("provision", provision, spec, aws, run_dir)
         staged = timed("stage_in", stage_in, spec, aws, run_dir)
-        manifest = timed("mpi_run", mpi_run, spec, staged.path, run_dir)
+        if spec.kernel.input_key is not None:
+            spec = grid_from_input(spec, staged.path)
+        run = mpi_run.with_options(retries=spec.kernel.retries)
+        record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
+        manifest, computed_by = record["manifest"], record["run_id"]
+        if computed_by != run_id:  # a cached record: the outputs are an earlier run's
+            try:
+                timed("fetch_result", fetch_result, spec, aws, computed_by, manifest,
+                      run_dir / "out")
+            except (ClientError, IntegrityError) as e:
+                get_run_logger().warning("cannot reuse run %s (%s); computing again",
+                                         computed_by, e)
+                record = timed("mpi_run", run.with_options(refresh_cache=True), spec, aws,
+                               staged.path, staged.sha256, run_dir, run_id)
+                manifest, computed_by = record["manifest"], record["run_id"]
         sent = timed("publish", publish, spec, aws, run_id, run_dir / "out", manifest)
         manifest_key = f"{spec.storage.results_prefix}{run_id}/{MANIFEST}"
         queues = timed("consume", consume, aws, applied, manifest_key)
         endpoint = aws.label
 
-    field_entry = next(f for f in manifest["files"] if f["name"] == "field.npy")
-    return {
+    main = spec.kernel_info.main_result
+    main_entry = next(f for f in manifest["files"] if f["name"] == main)
+    summary: dict[str, Any] = {
         "run_id": run_id,
         "spec": spec.name,
         "backend": spec.backend,
@@ -216,7 +369,9 @@ def hpc_pipeline(spec_path: str = str(DEFAULT_SPEC), ranks: int | None = None,
         "seconds": seconds,
         "bytes_staged": staged.bytes,
         "bytes_published": sum(t.bytes for t in sent),
-        "field_sha256": field_entry["sha256"],
+        "result": main,
+        "result_sha256": main_entry["sha256"],
+        "computed_by": computed_by,
         "scratch_dir": str(run_dir),
         "s3": {
             "input": staged.uri,
@@ -231,3 +386,6 @@ def hpc_pipeline(spec_path: str = str(DEFAULT_SPEC), ranks: int | None = None,
                            "failed": len(r["failed"])} for q, r in queues.items()},
         },
     }
+    if main == "field.npy":
+        summary["field_sha256"] = main_entry["sha256"]
+    return summary

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from infra.backends import BatchSettings, ParallelClusterSettings
+from mpi_jobs.catalog import KERNELS, HeatParameters, KmerParameters, VarParameters
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,75}$")
@@ -27,16 +30,79 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class HeatParameters(_Strict):
+class HeatDefaults(HeatParameters):
+    """The catalog's heat parameters with the bundled example's sizes as defaults."""
+
     nx: int = Field(256, gt=0, le=65536)
     ny: int = Field(256, gt=0, le=65536)
     steps: int = Field(200, ge=0)
-    alpha: float = Field(0.2, gt=0, le=0.25)
 
 
-class Kernel(_Strict):
+class VarDefaults(VarParameters):
+    paths: int = Field(1 << 20, gt=0)
+
+
+class KmerDefaults(KmerParameters):
+    k: int = Field(21, ge=1, le=31)
+
+
+class _KernelBase(_Strict):
+    input_key: str | None = Field(
+        None, description="S3 key (in the input bucket) of your own input; default: a "
+        "deterministic generated sample, uploaded once under input_prefix")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="checkpoint every K steps/blocks into the run's scratch dir")
+    retries: int = Field(0, ge=0, le=10, description="re-runs of a failed MPI job; with "
+                         "checkpoints each retry resumes from the newest complete one")
+
+    @field_validator("input_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and (not v or v.startswith("/") or ".." in v.split("/")
+                              or "\\" in v or v.endswith("/")):
+            raise ValueError(f"{v!r} must be an object key without '..', '\\' or a leading "
+                             "or trailing '/'")
+        return v
+
+
+class HeatKernel(_KernelBase):
     name: Literal["heat"] = "heat"
-    parameters: HeatParameters = HeatParameters()
+    parameters: HeatDefaults = HeatDefaults()
+
+
+class VarKernel(_KernelBase):
+    name: Literal["var"]
+    parameters: VarDefaults = VarDefaults()
+
+
+class KmerKernel(_KernelBase):
+    name: Literal["kmer"]
+    parameters: KmerDefaults = KmerDefaults()
+
+
+Kernel = Annotated[HeatKernel | VarKernel | KmerKernel, Field(discriminator="name")]
+
+
+class SlurmOptions(_Strict):
+    """How the slurm backend submits: one ``sbatch`` per run, ranks started by ``launcher``."""
+
+    partition: str | None = None
+    time_limit: str | None = Field(None, description="Slurm --time (minutes, HH:MM:SS, "
+                                   "D-HH:MM:SS); a job past it is killed and the run fails")
+    launcher: Literal["srun", "mpiexec"] = "srun"
+    overcommit: bool = Field(False, description="more ranks than CPUs (a test machine only)")
+    conf: Path | None = Field(None, description="slurm.conf; default $SLURM_CONF, the local "
+                              "cluster of `make slurm`, else Slurm's own default")
+    sbatch_args: list[str] = Field(default_factory=list)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        from infra.providers.slurm import valid_time_limit
+
+        if v is not None and not valid_time_limit(v):
+            raise ValueError(f"{v!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
+        return v
 
 
 class Storage(_Strict):
@@ -86,9 +152,12 @@ class FanOut(_Strict):
 
 class PipelineSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
-    kernel: Kernel = Kernel()
+    kernel: Kernel = HeatKernel()
     ranks: int = Field(2, ge=1, le=4096)
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "slurm", "parallelcluster", "batch"] = "local"
+    slurm: SlurmOptions = SlurmOptions()
+    parallelcluster: ParallelClusterSettings | None = None
+    batch: BatchSettings | None = None
     aws: Literal["embedded", "real"] = Field(
         "embedded",
         description="'embedded' runs against a local moto server (or AWS_ENDPOINT_URL); "
@@ -98,20 +167,45 @@ class PipelineSpec(_Strict):
     storage: Storage
     scratch_dir: Path = Path(".clusterflow/scratch")
     fanout: FanOut = FanOut()
+    reuse_result: bool = Field(
+        False, description="reuse the outputs of an earlier run with the same kernel, "
+        "parameters and input bytes (any rank count gives the same bits) instead of running")
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
         p = self.kernel.parameters
-        if self.ranks > p.nx * p.ny:
-            raise ValueError(f"ranks={self.ranks} exceeds the {p.ny}x{p.nx} grid's cell count")
+        if isinstance(p, HeatParameters):
+            cells = p.nx * p.ny * (p.nz or 1)
+            if self.ranks > cells:
+                shape = f"{p.ny}x{p.nx}" if p.nz is None else f"{p.nz}x{p.ny}x{p.nx}"
+                raise ValueError(f"ranks={self.ranks} exceeds the {shape} grid's cell count")
+        if self.backend in ("parallelcluster", "batch") and getattr(self, self.backend) is None:
+            raise ValueError(f"backend '{self.backend}' needs a '{self.backend}:' section "
+                             f"(see cluster_configs/ and the README)")
+        if self.backend == "parallelcluster":
+            # Ranks read and write the run directory by the same path as this process: run
+            # clusterflow where the cluster's shared storage is mounted (the head node).
+            root = Path(self.parallelcluster.remote_root)
+            if self.scratch_dir.resolve() != root:
+                raise ValueError(
+                    f"scratch_dir ({self.scratch_dir}) must be the cluster's shared storage "
+                    f"parallelcluster.remote_root ({root}) so the ranks see the run directory")
         return self
+
+    @property
+    def kernel_info(self):  # noqa: ANN201 - KernelInfo, kept out of the import graph
+        return KERNELS[self.kernel.name]
 
 
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
+        parts = [str(p) for p in e["loc"]]
+        if parts[:1] == ["kernel"] and parts[1:2] and parts[1] in KERNELS:
+            del parts[1]  # pydantic adds the union's tag: kernel.heat.parameters.nx
+        loc = ".".join(parts) or "<spec>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 

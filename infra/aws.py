@@ -8,10 +8,12 @@ throw-away credentials so a developer's real keys never reach it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
@@ -50,6 +52,25 @@ _lock = threading.Lock()
 _clients: dict[tuple[AwsTarget, str], Any] = {}
 
 
+def _is_local(endpoint: str) -> bool:
+    host = urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _has_configured_credentials(session: boto3.session.Session) -> bool:
+    """Keys in the environment or a profile, found without asking the instance metadata
+    service (that probe takes seconds off EC2, for an endpoint that accepts any key)."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return True
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    return profile in session.available_profiles
+
+
 def _client(target: AwsTarget, service: str) -> Any:
     # Clients are thread-safe and costly to build (~50 ms each); sessions are not thread-safe.
     key = (target, service)
@@ -59,13 +80,16 @@ def _client(target: AwsTarget, service: str) -> Any:
             kwargs: dict[str, Any] = {}
             if target.endpoint_url:
                 kwargs["endpoint_url"] = target.endpoint_url
-                if target.embedded or session.get_credentials() is None:
+                if target.embedded or not _has_configured_credentials(session):
                     kwargs.update(EMBEDDED_CREDENTIALS)
             # A local endpoint answers 500 for calls it lacks; retrying those only duplicates
             # side effects (put_events), so fail fast there and retry normally on AWS.
-            retries = {"mode": "standard", "total_max_attempts": 1 if target.embedded else 5}
-            config = Config(region_name=target.region, retries=retries,
-                            connect_timeout=5, read_timeout=60)
+            local = target.embedded or bool(target.endpoint_url and _is_local(target.endpoint_url))
+            retries = {"mode": "standard", "total_max_attempts": 1 if local else 5}
+            # Transfers run up to 16 threads on one client (infra.stager); the default pool of
+            # 10 connections would make them queue for sockets.
+            config = Config(region_name=target.region, retries=retries, connect_timeout=5,
+                            read_timeout=60, max_pool_connections=32)
             _clients[key] = session.client(service, config=config, **kwargs)
         return _clients[key]
 
