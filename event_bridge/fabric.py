@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from infra.yaml_models import load_yaml_model
 
 DEFAULT_FABRIC = Path(__file__).parent / "fabric.yaml"
 
@@ -316,25 +317,5 @@ class Fabric(_Strict):
         return self
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def load_fabric(path: Path | str = DEFAULT_FABRIC) -> Fabric:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FabricError(f"fabric file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise FabricError(f"fabric file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise FabricError(f"fabric file {path} must be a YAML mapping, got {type(raw).__name__}")
-    try:
-        return Fabric.model_validate(raw)
-    except ValidationError as e:
-        raise FabricError(f"fabric file {path} is invalid:\n{_format_errors(e)}") from None
+    return load_yaml_model(path, Fabric, what="fabric file", error=FabricError)

@@ -49,17 +49,10 @@ def new_run_id(spec: PipelineSpec) -> str:
 
 
 def ensure_bucket(aws: AwsTarget, bucket: str) -> None:
-    s3 = aws.client("s3")
-    try:
-        s3.head_bucket(Bucket=bucket)
-        return
-    except ClientError as e:
-        if e.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
-            raise
-    kwargs: dict[str, Any] = {}
-    if aws.region != "us-east-1":
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": aws.region}
-    s3.create_bucket(Bucket=bucket, **kwargs)
+    """Create ``bucket`` unless it exists (the fabric's own idempotent create)."""
+    from event_bridge.apply import ensure_bucket as ensure
+
+    ensure(aws.client("s3"), bucket, aws.region, [])
 
 
 def fanout_topology(spec: PipelineSpec) -> FanOutTopology:

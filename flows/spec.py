@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infra.backends import BatchSettings, ParallelClusterSettings
+from infra.yaml_models import load_yaml_model
 from mpi_jobs.catalog import KERNELS, HeatParameters, KmerParameters, VarParameters
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -197,31 +197,13 @@ class PipelineSpec(_Strict):
         return KERNELS[self.kernel.name]
 
 
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        parts = [str(p) for p in e["loc"]]
-        if parts[:1] == ["kernel"] and parts[1:2] and parts[1] in KERNELS:
-            del parts[1]  # pydantic adds the union's tag: kernel.heat.parameters.nx
-        loc = ".".join(parts) or "<spec>"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+def _untag_kernel(parts: list[str]) -> list[str]:
+    if parts[:1] == ["kernel"] and parts[1:2] and parts[1] in KERNELS:
+        del parts[1]  # pydantic adds the union's tag: kernel.heat.parameters.nx
+    return parts
 
 
 def load_spec(path: Path | str, **overrides: object) -> PipelineSpec:
     """Read and validate a spec; ``overrides`` (e.g. ranks from the CLI) win over the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"pipeline spec {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"pipeline spec {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"pipeline spec {path} must be a YAML mapping, got {type(raw).__name__}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return PipelineSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(f"pipeline spec {path} is invalid:\n{_format_errors(e)}") from None
+    return load_yaml_model(path, PipelineSpec, what="pipeline spec", error=SpecError,
+                           overrides=overrides, rename=_untag_kernel)
