@@ -132,6 +132,17 @@ class Layout:
         return self.root / "spool"
 
     @property
+    def slurmd_spool(self) -> Path:
+        """slurmstepd binds Unix sockets here (``<node>_<job>.<step>``, ~25 bytes) and a socket
+        path must fit in 108 bytes: a deep state dir (a CI checkout) gets a short one in /tmp,
+        named like the munge socket dir."""
+        spool = self.spool / "slurmd"
+        if len(str(spool)) <= 70:
+            return spool
+        tag = f"{zlib.crc32(str(self.root).encode()):08x}"
+        return Path("/tmp") / f"clusterflow-slurmd-{os.geteuid()}-{tag}"
+
+    @property
     def jobcomp(self) -> Path:
         return self.log_dir / "jobcomp.log"
 
@@ -322,7 +333,7 @@ class LocalSlurm:
             "CredType=cred/munge",
             f"AuthInfo=socket={lay.munge_socket}",
             f"StateSaveLocation={s.state_save_location}",
-            f"SlurmdSpoolDir={lay.spool}/slurmd",
+            f"SlurmdSpoolDir={lay.slurmd_spool}",
             f"SlurmctldPidFile={lay.pid_file('slurmctld')}",
             f"SlurmdPidFile={lay.pid_file('slurmd')}",
             f"SlurmctldLogFile={lay.log_file('slurmctld')}",
@@ -480,7 +491,7 @@ class LocalSlurm:
             raise LocalSlurmError(
                 f"the Slurm in {lay.root} was set up by {s.user!r}; run `up` as that user, or "
                 f"`python -m infra.slurm_local down` as them and remove {lay.settings}")
-        for d in (lay.root, lay.log_dir, lay.run_dir, lay.spool / "slurmd",
+        for d in (lay.root, lay.log_dir, lay.run_dir, lay.slurmd_spool,
                   s.state_save_location):
             d.mkdir(parents=True, exist_ok=True)
         lay.munge_dir.mkdir(mode=0o700, exist_ok=True)
@@ -548,6 +559,9 @@ class LocalSlurm:
         stopped = [d for d in reversed(DAEMONS) if self.stop_daemon(d)]
         if self.pid("munged") is None:
             shutil.rmtree(self.layout.munge_socket_dir, ignore_errors=True)
+        if self.pid("slurmd") is None and not self.layout.slurmd_spool.is_relative_to(
+                self.layout.root):
+            shutil.rmtree(self.layout.slurmd_spool, ignore_errors=True)
         return stopped
 
     def status(self) -> dict[str, Any]:
