@@ -174,6 +174,16 @@ def part_sizes_of(s3: Any, bucket: str, key: str, size: int, parts: int | None,
     return (*sizes, last)
 
 
+def upload_part_sizes(size: int, chunksize: int) -> tuple[int, ...]:
+    """The part sizes s3transfer will use to upload ``size`` bytes with ``chunksize`` (it
+    grows the chunk size to stay within S3's 10,000 parts)."""
+    from s3transfer.utils import ChunksizeAdjuster
+
+    part = ChunksizeAdjuster().adjust_chunksize(chunksize, size)
+    full, last = divmod(size, part)
+    return (part,) * full + ((last,) if last else ())
+
+
 def parts_count(etag: str | None) -> int | None:
     hexpart = etag_hex(etag)
     if "-" not in hexpart:
@@ -212,12 +222,16 @@ class MultiHasher:
     def hexdigest(self, algorithm: str) -> str:
         return self.digest(algorithm).hex()
 
+    def composite_digest(self, check: Expectation) -> bytes:
+        """The composite digest computed for ``check`` (one with part sizes)."""
+        return next(x for x in self._composite if x.check is check).digest()
+
     def mismatches(self) -> list[str]:
         """Human-readable list of failed checks; empty when every check passed."""
         bad = []
         for c in self.checks:
             if c.part_sizes:
-                got = next(x for x in self._composite if x.check is c).digest()
+                got = self.composite_digest(c)
             else:
                 got = self._full[c.algorithm].digest()
             if got != c.digest:
