@@ -196,10 +196,10 @@ def latency(aws: AwsTarget, samples: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", type=int, default=2000, help="messages per throughput mode")
+    ap.add_argument("--messages", type=int, default=500, help="messages per throughput mode")
     ap.add_argument("--round", type=int, default=20,
                     help="consumers-only mode: messages queued per round before the clock runs")
-    ap.add_argument("--latency-samples", type=int, default=200)
+    ap.add_argument("--latency-samples", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "fanout.json")
     args = ap.parse_args(argv)
 
