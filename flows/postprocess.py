@@ -36,15 +36,18 @@ class NotAResult(ValueError):
 
 @task(name="read_result", cache_policy=NO_CACHE)
 def read_result(aws: AwsTarget, bucket: str, key: str, work_dir: Path,
-                ) -> tuple[dict[str, Any], Path]:
-    """The manifest and the verified local copy of the field it describes."""
+                ) -> tuple[dict[str, Any], Path | None]:
+    """The manifest and the verified local copy of the field it describes (None when the
+    run's kernel writes no field, e.g. var or kmer)."""
     raw = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     try:
         manifest = json.loads(raw)
-        entry = next(f for f in manifest["files"] if f["name"] == FIELD)
-    except (ValueError, KeyError, TypeError, StopIteration):
-        raise NotAResult(
-            f"s3://{bucket}/{key} is not a result manifest listing {FIELD}") from None
+        files = {f["name"]: f for f in manifest["files"]}
+        entry = files.get(FIELD)
+    except (ValueError, KeyError, TypeError):
+        raise NotAResult(f"s3://{bucket}/{key} is not a result manifest") from None
+    if entry is None:
+        return manifest, None
     prefix = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
     staged = download(aws, bucket, prefix + FIELD, work_dir / FIELD)
     if staged.sha256 != entry["sha256"]:
@@ -95,6 +98,8 @@ def render(field_path: Path, title: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     field = np.load(field_path, mmap_mode="r", allow_pickle=False)
+    if field.ndim == 3:  # a 3D run: its middle z plane
+        field = field[field.shape[0] // 2]
     step = max(1, -(-max(field.shape) // MAX_PIXELS))
     shown = np.asarray(field[::step, ::step])
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
@@ -110,6 +115,28 @@ def render(field_path: Path, title: str, out: Path) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def _summarize_other(aws: AwsTarget, manifest: dict[str, Any], bucket: str, key: str,
+                     prefix: str, run_id: str, work_dir: Path) -> dict[str, Any]:
+    """A run without a field (var, kmer): its manifest's facts, no picture."""
+    summary = {
+        "source": f"s3://{bucket}/{key}",
+        "run_id": run_id,
+        "kernel": manifest.get("kernel"),
+        "parameters": manifest.get("parameters"),
+        "ranks": manifest.get("ranks"),
+        "files": {f["name"]: f["sha256"] for f in manifest["files"]},
+        "outputs": {"summary": f"s3://{bucket}/{prefix}{SUMMARY}",
+                    "scratch_dir": str(work_dir)},
+    }
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / SUMMARY
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    upload(aws, path, bucket, prefix + SUMMARY)
+    get_run_logger().info("run %s (%s): no field to picture; wrote %s", run_id,
+                          summary["kernel"], summary["outputs"]["summary"])
+    return summary
 
 
 @flow(name="postprocess", log_prints=True)
@@ -130,6 +157,8 @@ def postprocess(key: str, bucket: str | None = None, spec_path: str | None = Non
     work_dir = (spec.scratch_dir / run_id / "postprocess").resolve()
     with aws_target(spec.aws, spec.region) as aws:
         manifest, field_path = read_result(aws, bucket, key, work_dir)
+        if field_path is None:
+            return _summarize_other(aws, manifest, bucket, key, prefix, run_id, work_dir)
         summary = summarize(manifest, field_path, f"s3://{bucket}/{key}")
         summary["run_id"] = run_id
         picture = render(field_path, f"{run_id}: {summary['kernel'] or 'field'} "

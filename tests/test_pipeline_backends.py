@@ -7,6 +7,8 @@ checked is the published result against a serial reference computed here.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -69,6 +71,18 @@ def test_var_kernel_publishes_the_serial_answer_for_any_rank_count(aws, cli_env,
     for r in got:
         assert (r["var"], r["es"]) == (var, es)  # exact, not approximately
     assert one["fanout"]["queues"]["audit"]["verified"] == 1
+
+    # The on-result flow summarises a run without a field too (no picture to draw).
+    key = urlparse(three["s3"]["results"]).path.lstrip("/") + "manifest.json"
+    code = ("import json, sys; from flows.postprocess import postprocess; "
+            "print(json.dumps(postprocess(key=sys.argv[1], spec_path=sys.argv[2])))")
+    proc = subprocess.run([sys.executable, "-c", code, key, str(spec)], env=cli_env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["kernel"] == "var" and "result.json" in summary["files"]
+    stored = _published(aws, three, "summary.json", tmp_path / "summary.json")
+    assert json.loads(stored.read_text())["files"] == summary["files"]
 
 
 def test_kmer_kernel_counts_the_generated_reads_like_a_serial_counter(aws, cli_env, tmp_path):
