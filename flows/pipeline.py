@@ -327,6 +327,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         finally:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
+    if spec.backend == "slurm":
+        slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
     with aws_target(spec.aws, spec.region) as aws:
         applied = timed("provision", provision, spec, aws, run_dir)
         staged = timed("stage_in", stage_in, spec, aws, run_dir)

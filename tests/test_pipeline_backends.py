@@ -136,6 +136,18 @@ def test_uploaded_input_sets_the_grid(aws, cli_env, tmp_path):
     assert np.array_equal(np.load(out), reference_solution(field, 5, 0.2))
 
 
+def test_unreachable_slurm_is_reported_before_anything_is_created(aws, cli_env, tmp_path):
+    spec = _spec(tmp_path, "noslurm", {"name": "heat"})
+    cli_env.update(SLURM_CONF=str(tmp_path / "missing" / "slurm.conf"),
+                   AWS_ENDPOINT_URL=aws.endpoint_url)
+    proc = run_cli(["run", "--spec", str(spec), "--backend", "slurm"], cli_env, tmp_path,
+                   timeout=120)
+    assert proc.returncode == 1
+    assert "SlurmUnavailable" in proc.stderr and "set SLURM_CONF" in proc.stderr
+    names = {b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]}
+    assert "noslurm-inputs" not in names and "noslurm-results" not in names
+
+
 @pytest.mark.parametrize("backend", ["parallelcluster", "batch"])
 def test_cloud_backend_without_its_section_is_refused(cli_env, tmp_path, backend):
     spec = _spec(tmp_path, "cloud", {"name": "heat"})
