@@ -208,8 +208,7 @@ def result_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     return "clusterflow-result-" + hashlib.sha256(blob).hexdigest()
 
 
-@task(name="mpi_run", cache_key_fn=result_cache_key, persist_result=True,
-      result_serializer="json")
+@task(name="mpi_run", cache_key_fn=result_cache_key, result_serializer="json")
 def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: str,
             run_dir: Path, run_id: str) -> dict[str, Any]:
     """Run the kernel on ``spec.ranks`` ranks; a failed job raises with the rank's own error.
@@ -312,10 +311,10 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     """
     spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
     spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
-    if input_key is not None:
-        raw = spec.model_dump()
-        raw["kernel"]["input_key"] = input_key
-        spec = PipelineSpec.model_validate(raw)
+    if input_key is not None:  # validated like the spec's own key; nothing else re-read
+        kernel = type(spec.kernel).model_validate(
+            {**spec.kernel.model_dump(), "input_key": input_key})
+        spec = spec.model_copy(update={"kernel": kernel})
     run_id = run_id or new_run_id(spec)
     run_dir = (spec.scratch_dir / run_id).resolve()
     seconds: dict[str, float] = {}
@@ -334,7 +333,9 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         staged = timed("stage_in", stage_in, spec, aws, run_dir)
         if spec.kernel.input_key is not None:
             spec = grid_from_input(spec, staged.path)
-        run = mpi_run.with_options(retries=spec.kernel.retries)
+        # Only a reusable result needs its record stored.
+        run = mpi_run.with_options(retries=spec.kernel.retries,
+                                   persist_result=spec.reuse_result)
         record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
         manifest, computed_by = record["manifest"], record["run_id"]
         if computed_by != run_id:  # a cached record: the outputs are an earlier run's

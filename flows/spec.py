@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from infra.backends import BatchSettings, ParallelClusterSettings
 from infra.yaml_models import load_yaml_model
-from mpi_jobs.catalog import KERNELS, HeatParameters, KmerParameters, VarParameters
+from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo, KmerParameters, VarParameters
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,75}$")
@@ -193,7 +193,7 @@ class PipelineSpec(_Strict):
         return self
 
     @property
-    def kernel_info(self):  # noqa: ANN201 - KernelInfo, kept out of the import graph
+    def kernel_info(self) -> KernelInfo:
         return KERNELS[self.kernel.name]
 
 

@@ -489,13 +489,7 @@ class Stager:
             future = run.manager.download(
                 bucket, key, f, subscribers=[_Transfer(run.progress, head["ContentLength"],
                                                        head.get("ETag"))])
-            run.track(future)
-            try:
-                future.result()
-            except ClientError as err:
-                raise _client_error(err, f"s3://{bucket}/{key}") from err
-            finally:
-                run.untrack(future)
+            run.result(future, f"s3://{bucket}/{key}")
             self._sync(f)
         return hash_file(tmp, checks, self._extra()), head
 
@@ -582,13 +576,7 @@ class Stager:
                          "Metadata": {"sha256": hasher.hexdigest("sha256")}}
                 future = run.manager.upload(str(path), d.bucket, key, extra_args=extra,
                                             subscribers=[_Transfer(run.progress, e.size)])
-                run.track(future)
-                try:
-                    future.result()
-                except ClientError as err:
-                    raise _client_error(err, f"uploading to s3://{d.bucket}/{key}") from err
-                finally:
-                    run.untrack(future)
+                run.result(future, f"uploading to s3://{d.bucket}/{key}")
                 head = self._head(d.bucket, key)
                 # This proves what is stored now is what we hashed (and catches a concurrent
                 # writer to the key): size, and the CRC32 S3 holds, composite or full.
@@ -667,13 +655,17 @@ class _Run:
                 self._manager = TransferManager(self.stager.s3, config)
             return self._manager
 
-    def track(self, future: Any) -> None:
+    def result(self, future: Any, what: str) -> None:
+        """Wait for one transfer; while it runs it is cancellable with the whole run."""
         with self._lock:
             self._futures.add(future)
-
-    def untrack(self, future: Any) -> None:
-        with self._lock:
-            self._futures.discard(future)
+        try:
+            future.result()
+        except ClientError as err:
+            raise _client_error(err, what) from err
+        finally:
+            with self._lock:
+                self._futures.discard(future)
 
     def done(self, e: Entry, rec: dict[str, Any], copied: bool, count_bytes: bool = True,
              ) -> None:
