@@ -183,6 +183,7 @@ def _describe(api_url: str, prefect_file: Path) -> list[dict[str, Any]]:
                 raise _fail(f"deployment {name} ({entrypoint}) is missing after deploy")
             automations = client.request(
                 "GET", f"/automations/related-to/prefect.deployment.{d.id}").json()
+            next_runs = _schedule_now(client, d) if any(s.active for s in d.schedules) else []
             found.append({
                 "name": f"{flows.get(d.flow_id, '?')}/{d.name}",
                 "id": str(d.id),
@@ -197,8 +198,37 @@ def _describe(api_url: str, prefect_file: Path) -> list[dict[str, Any]]:
                               "parameters": (a["actions"][0].get("parameters")
                                              if a["actions"] else None)}
                              for a in automations],
+                "next_runs": next_runs,
             })
     return found
+
+
+def _schedule_now(client: Any, deployment: Any) -> list[str]:
+    """Have the server create the deployment's upcoming runs now, and list their start times.
+
+    Prefect's scheduler service creates them on its next loop, up to a minute after deploy,
+    so right after `clusterflow deploy` a user (or a check) would see no scheduled run. The
+    server's schedule endpoint is idempotent (runs are keyed by deployment, schedule and
+    time), so deploying twice does not double them.
+    """
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    resp = client.request("POST", f"/deployments/{deployment.id}/schedule", json={})
+    if resp.status_code >= 400:
+        raise _fail(f"could not schedule the runs of deployment {deployment.name} "
+                    f"(HTTP {resp.status_code}): {resp.text[:500]}")
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Scheduled"]))),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=3)
+    return [r.expected_start_time.isoformat() for r in runs if r.expected_start_time]
 
 
 def deploy(
@@ -234,13 +264,16 @@ def deploy(
         sys.stdout.write(json.dumps({"api_url": api_url, "work_pool": pool_name,
                                      "deployments": deployments}) + "\n")
         return
-    table = Table("deployment", "starts on", "work pool", box=None)
+    table = Table(box=None)
+    for column in ("deployment", "starts on", "work pool", "next run"):
+        table.add_column(column, overflow="fold")  # wrap on narrow terminals, never elide
     for d in deployments:
         starts = [f"cron {s['cron']} {s['timezone']}" for s in d["schedules"]]
         starts += [f"event {', '.join(t['expect'] or [])} where "
                    + ", ".join(f"{k}={v}" for k, v in (t["match"] or {}).items())
                    for t in d["triggers"]]
-        table.add_row(d["name"], "; ".join(starts) or "manual", d["work_pool"])
+        table.add_row(d["name"], "; ".join(starts) or "manual", d["work_pool"],
+                      d["next_runs"][0] if d["next_runs"] else "-")
     out.print(f"[bold green]registered {len(deployments)} deployments[/] with {api_url}")
     out.print(table)
 

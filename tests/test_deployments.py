@@ -134,6 +134,12 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
         assert scheduled and all(r.state_name == "Scheduled" for r in scheduled)
         assert {(r.expected_start_time.hour, r.expected_start_time.minute)
                 for r in scheduled} == {(2, 0)}
+        # deploy reported the same upcoming runs, earliest first, in the future.
+        next_runs = [datetime.fromisoformat(t) for t in listed["hpc-pipeline/nightly"]["next_runs"]]
+        assert next_runs and next_runs == sorted(next_runs)
+        assert next_runs[0] == min(r.expected_start_time for r in scheduled)
+        assert next_runs[0] > datetime.now(timezone.utc)
+        assert listed["hpc-pipeline/on-upload"]["next_runs"] == []
 
         expected = {
             "hpc-pipeline/on-upload": ("input", {"input_key": "{{ event.resource['s3.key'] }}"}),
@@ -161,6 +167,18 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
     with _prefect(stack) as client:
         for name in NAMES - {"hpc-pipeline/nightly"}:
             assert len(_automations(client, client.read_deployment_by_name(name).id)) == 1
+        # ...and the scheduled runs are not doubled.
+        again_runs = _runs(client, "hpc-pipeline/nightly")
+        assert sorted(r.expected_start_time for r in again_runs) == sorted(
+            r.expected_start_time for r in scheduled)
+
+    # The human form names each deployment, how it starts, and the next scheduled run.
+    shown = _cli(["deploy"], {**stack["env"], "COLUMNS": "250"})
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "registered 3 deployments" in text
+    assert "cron 0 2 * * * UTC" in text and "event s3.object.created" in text
+    assert min(r.expected_start_time for r in scheduled).isoformat()[:16] in text
 
 
 def _queue_empty(aws: AwsTarget, name: str) -> bool:
