@@ -223,12 +223,25 @@ def test_asg_hooks_snapshot_then_restore_in_the_other_az(aws: AwsTarget) -> None
     new = group["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
     assert new != old and _az(aws, new) == other
 
+    # A detached cluster volume that no final snapshot holds (say, detached by hand): it may
+    # carry the only copy of its data, so the launch hook must leave it alone.
+    unsaved = ec2.create_volume(AvailabilityZone=old_az, Size=1, TagSpecifications=hb.tag_spec(
+        "volume", {hb.TAG_CLUSTER: cfg.cluster, hb.TAG_ROLE: hb.ROLE_VOLUME}))["VolumeId"]
+    old_volume = first["volume"]["volume_id"]
+    assert ec2.describe_volumes(VolumeIds=[old_volume])["Volumes"][0]["State"] == "available"
+
     launch = deliver("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", new)
     assert launch["volume"]["snapshot_id"] == term["snapshot_id"]
     assert launch["volume"]["availability_zone"] == other
+    # The old head's volume is saved in the snapshot just restored: deleted, not left billing.
+    assert launch["retired_volumes"] == {"deleted": [old_volume], "kept": [unsaved]}
+    left = {v["VolumeId"] for v in ec2.describe_volumes(Filters=[
+        {"Name": f"tag:{hb.TAG_CLUSTER}", "Values": [cfg.cluster]}])["Volumes"]}
+    assert left == {launch["volume"]["volume_id"], unsaved}
     # Delivered twice (EventBridge is at-least-once): the same volume, not a second one.
-    assert deliver("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", new)["volume"][
-        "volume_id"] == launch["volume"]["volume_id"]
+    again_launch = deliver("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", new)
+    assert again_launch["volume"]["volume_id"] == launch["volume"]["volume_id"]
+    assert again_launch["retired_volumes"] == {"deleted": [], "kept": [unsaved]}
     _boot(aws, cfg, new)
     assert _eip_instance(aws, dep) == new  # moved off the terminated head
 

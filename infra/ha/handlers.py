@@ -222,6 +222,42 @@ def recovery_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- ASG design
 
 
+# Snapshots taken as a head left (ASG terminate hook) or was fenced (failover): each holds its
+# volume's last state, so that volume is no longer needed once it is detached.
+FINAL_SNAPSHOT_REASONS = ("terminate", "failover")
+
+
+def retire_detached_volumes(ec2: Any, cluster: str, keep: str | None = None,
+                            ) -> dict[str, list[str]]:
+    """Delete the cluster's detached shared volumes whose last state a snapshot already holds.
+
+    An ASG replacement restores the newest snapshot into the new head's AZ; the old head's
+    volume is detached by the termination and would otherwise bill forever. Only a volume with
+    a terminate/failover snapshot of its own is deleted: one detached without such a snapshot
+    may hold the only copy of newer state, so it is kept and reported instead.
+    """
+    volumes = ec2.describe_volumes(Filters=[
+        *hb.cluster_filters(cluster, hb.ROLE_VOLUME),
+        {"Name": "status", "Values": ["available"]}])["Volumes"]
+    if not volumes:
+        return {"deleted": [], "kept": []}
+    snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        *hb.cluster_filters(cluster, hb.ROLE_SNAPSHOT),
+        {"Name": "status", "Values": ["pending", "completed"]}])["Snapshots"]
+    saved = {s["VolumeId"] for s in snaps
+             if hb.tags_of(s).get(hb.TAG_REASON) in FINAL_SNAPSHOT_REASONS}
+    deleted, kept = [], []
+    for v in volumes:
+        if v["VolumeId"] == keep:
+            continue
+        if v["VolumeId"] in saved:
+            ec2.delete_volume(VolumeId=v["VolumeId"])
+            deleted.append(v["VolumeId"])
+        else:
+            kept.append(v["VolumeId"])
+    return {"deleted": deleted, "kept": kept}
+
+
 def _hook_detail(event: dict[str, Any], transition: str) -> dict[str, Any] | None:
     detail = event.get("detail", {})
     return detail if detail.get("LifecycleTransition") == transition else None
@@ -262,5 +298,11 @@ def launch_hook_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     restored = hb.restore_shared_volume(ec2, cluster, ident, _spec(s),
                                         wait_delay=int(s.get("wait_delay", 5)))
     lifecycle = complete_lifecycle_action(target, detail)
+    # After the restore: the old head's volume, detached by its termination, is saved in the
+    # snapshot just restored, so it goes (it would otherwise bill on, unused).
+    retired = retire_detached_volumes(ec2, cluster, keep=restored["volume_id"])
+    if retired["kept"]:
+        log.warning("cluster %s: detached shared volumes without a final snapshot kept: %s",
+                    cluster, ", ".join(retired["kept"]))
     return {"action": "restored", "instance_id": iid, "availability_zone": ident.availability_zone,
-            "volume": restored, "lifecycle": lifecycle}
+            "volume": restored, "lifecycle": lifecycle, "retired_volumes": retired}

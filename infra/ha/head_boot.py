@@ -72,7 +72,7 @@ def tag_spec(resource_type: str, tags: dict[str, str]) -> list[dict[str, Any]]:
              "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
 
 
-def _filters(cluster: str, role: str) -> list[dict[str, Any]]:
+def cluster_filters(cluster: str, role: str) -> list[dict[str, Any]]:
     return [{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
             {"Name": f"tag:{TAG_ROLE}", "Values": [role]}]
 
@@ -88,7 +88,7 @@ def instance(ec2: Any, instance_id: str) -> dict[str, Any]:
 
 
 def eip(ec2: Any, cluster: str) -> dict[str, Any]:
-    found = ec2.describe_addresses(Filters=_filters(cluster, ROLE_EIP))["Addresses"]
+    found = ec2.describe_addresses(Filters=cluster_filters(cluster, ROLE_EIP))["Addresses"]
     if len(found) != 1:
         raise HeadBootError(
             f"expected exactly one Elastic IP tagged {TAG_CLUSTER}={cluster}, "
@@ -98,7 +98,7 @@ def eip(ec2: Any, cluster: str) -> dict[str, Any]:
 
 def attached_shared_volume(ec2: Any, cluster: str, instance_id: str) -> dict[str, Any] | None:
     vols = ec2.describe_volumes(Filters=[
-        *_filters(cluster, ROLE_VOLUME),
+        *cluster_filters(cluster, ROLE_VOLUME),
         {"Name": "attachment.instance-id", "Values": [instance_id]}])["Volumes"]
     return max(vols, key=lambda v: v["CreateTime"]) if vols else None
 
@@ -106,7 +106,7 @@ def attached_shared_volume(ec2: Any, cluster: str, instance_id: str) -> dict[str
 def newest_snapshot(ec2: Any, cluster: str) -> dict[str, Any] | None:
     """The cluster's newest usable snapshot (pending ones count: they complete on their own)."""
     snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        *_filters(cluster, ROLE_SNAPSHOT),
+        *cluster_filters(cluster, ROLE_SNAPSHOT),
         {"Name": "status", "Values": ["pending", "completed"]}])["Snapshots"]
     # StartTime has one-second resolution; the taken-at tag (ns) orders snapshots within it.
     return max(snaps, key=lambda s: (s["StartTime"], int(tags_of(s).get(TAG_TAKEN_AT, "0"))),
@@ -140,7 +140,7 @@ def snapshot_volume(ec2: Any, cluster: str, volume_id: str, *, reason: str,
 
 def prune_snapshots(ec2: Any, cluster: str, keep: int) -> list[str]:
     snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        *_filters(cluster, ROLE_SNAPSHOT),
+        *cluster_filters(cluster, ROLE_SNAPSHOT),
         {"Name": "status", "Values": ["completed"]}])["Snapshots"]
     snaps.sort(key=lambda s: (s["StartTime"], int(tags_of(s).get(TAG_TAKEN_AT, "0"))))
     doomed = [s["SnapshotId"] for s in snaps[:-keep]] if keep > 0 else []
@@ -170,7 +170,7 @@ def restore_shared_volume(ec2: Any, cluster: str, ident: Identity, spec: VolumeS
         snapshot_id = snap["SnapshotId"] if snap else None
     source = snapshot_id or "none"
     pending = ec2.describe_volumes(Filters=[
-        *_filters(cluster, ROLE_VOLUME),
+        *cluster_filters(cluster, ROLE_VOLUME),
         {"Name": f"tag:{TAG_RESTORED_FOR}", "Values": [ident.instance_id]},
         {"Name": f"tag:{TAG_SOURCE_SNAPSHOT}", "Values": [source]},
         {"Name": "status", "Values": ["creating", "available"]}])["Volumes"]
