@@ -499,10 +499,22 @@ class LocalSlurm:
         if not lay.munge_key.exists():
             _run(["mungekey", "-c", "-k", str(lay.munge_key)], check=True)
         lay.munge_key.chmod(0o600)
+        moved = None
+        if (self.pid("slurmctld") is None and self.pid("slurmd") is None
+                and not (_port_free(s.ctld_port) and _port_free(s.slurmd_port))):
+            # Ports are picked when a state dir is created; two dirs created while neither ran
+            # (two checkouts, say) can hold the same pair. Whoever holds it now, move away
+            # rather than fail with slurmd's "Address already in use"; queued jobs are kept.
+            moved = [s.ctld_port, s.slurmd_port]
+            ctld, slurmd = _pick_ports(lay.root)
+            s = s.model_copy(update={"ctld_port": ctld, "slurmd_port": slurmd})
+            console.print(f"ports {moved[0]}/{moved[1]} are taken (another Slurm?); "
+                          f"this one moves to {ctld}/{slurmd}")
 
         conf = self.render(s)
         changed = not lay.conf.exists() or lay.conf.read_text() != conf
-        done: dict[str, Any] = {"started": [], "restarted": [], "config_changed": changed}
+        done: dict[str, Any] = {"started": [], "restarted": [], "config_changed": changed,
+                                "ports_moved_from": moved}
         if changed:
             lay.conf.write_text(conf)
             self._save_settings(s)

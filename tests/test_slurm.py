@@ -291,6 +291,28 @@ def test_second_cluster_with_its_own_state_save_location(cluster: LocalSlurm,
     assert cluster.status()["up"]  # the default cluster was not touched
 
 
+def test_a_cluster_whose_ports_were_taken_meanwhile_moves(cluster: LocalSlurm,
+                                                          tmp_path: Path) -> None:
+    """Two state dirs set up while neither ran both got Slurm's default ports; the second to
+    come up must move, not die on slurmd's "Address already in use"."""
+    taken = cluster.status()["ports"]
+    other = LocalSlurm(tmp_path / "c3")
+    other.layout.root.mkdir(parents=True)
+    other._save_settings(other.settings().model_copy(update={  # noqa: SLF001
+        "ctld_port": taken["slurmctld"], "slurmd_port": taken["slurmd"]}))
+    try:
+        done = other.up(install_missing=False, timeout=60)
+        assert done["ports_moved_from"] == [taken["slurmctld"], taken["slurmd"]]
+        ports = other.status()["ports"]
+        assert other.status()["up"] and set(ports.values()).isdisjoint(taken.values())
+        # Recorded: the next `up` keeps the new ports and changes nothing.
+        again = other.up(install_missing=False)
+        assert again["ports_moved_from"] is None and not again["config_changed"]
+    finally:
+        other.down()
+    assert cluster.status()["up"] and cluster.status()["ports"] == taken
+
+
 # --------------------------------------------------------------------------- mapping, polling
 
 
