@@ -107,8 +107,8 @@ def _summary(heat: dict[str, Any] | None, kmer: dict[str, Any] | None,
         for label, data, key in (("8 B", small, "us"), ("1 MiB", big, "mb_per_s")):
             unit = "µs" if key == "us" else "MB/s"
             parts = [f"{name} {data[name][key]:.1f} {unit}" for name in
-                     ("pingpong_buffer", "pingpong_pickle", "mpi4py_bench_buffer",
-                      "mpi4py_bench_pickle") if name in data]
+                     ("pingpong_buffer", "pingpong_buffer_untouched", "pingpong_pickle",
+                      "mpi4py_bench_buffer", "mpi4py_bench_pickle") if name in data]
             if parts:
                 rows.append(f"| ping-pong {label} | {'; '.join(parts)} | |")
     machine = (heat or kmer or ping or {}).get("machine", {})
@@ -138,7 +138,8 @@ def main() -> int:
         elif panel == "kmer":
             _kmer(ax, kmer)  # type: ignore[arg-type]
         elif panel == "pingpong":
-            _series(ax, ping, ["pingpong_buffer", "mpi4py_bench_buffer", "pingpong_pickle",  # type: ignore[arg-type]
+            _series(ax, ping, ["pingpong_buffer", "pingpong_buffer_untouched",  # type: ignore[arg-type]
+                               "mpi4py_bench_buffer", "pingpong_pickle",
                                "mpi4py_bench_pickle"], "mb_per_s", "ping-pong bandwidth")
         else:
             _series(ax, ping, ["allreduce_buffer", "allreduce_pickle"], "seconds",  # type: ignore[arg-type]
