@@ -135,7 +135,9 @@ def _save(state: StackState) -> None:
 def recorded_prefect_api(home: Path) -> str | None:
     """The API URL of a running local stack's Prefect server, if it answers."""
     state = load_state(home)
-    if state and state.prefect_api_url and _healthy(state.prefect_api_url + "/health"):
+    # Retried: a busy server answering late is still the stack's server.
+    if state and state.prefect_api_url and _healthy(state.prefect_api_url + "/health",
+                                                    timeout=5.0, attempts=3):
         return state.prefect_api_url
     return None
 
@@ -185,12 +187,17 @@ def _tail(path: str | Path, chars: int = 1500) -> str:
         return ""
 
 
-def _healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+def _healthy(url: str, timeout: float = 2.0, attempts: int = 1) -> bool:
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if attempt + 1 < attempts:
+            time.sleep(0.5)
+    return False
 
 
 def _wait_for(what: str, ready: Any, proc: subprocess.Popen[bytes], log: str,
@@ -402,7 +409,7 @@ def _forget(home: Path, state: StackState) -> None:
     _state_path(home).unlink(missing_ok=True)
 
 
-def down(home: Path, grace_s: float = 15.0) -> dict[str, Any]:
+def down(home: Path, grace_s: float = 30.0) -> dict[str, Any]:
     """Stop what ``up`` started (and their descendants); returns what was stopped."""
     home = home.resolve()
     state = load_state(home)
@@ -436,11 +443,11 @@ def status(home: Path) -> dict[str, Any]:
         if c.url:
             info["url"] = c.url
         if name == "prefect-server" and proc is not None and c.url:
-            info["healthy"] = _healthy(f"{c.url}/health")
+            info["healthy"] = _healthy(f"{c.url}/health", timeout=5.0, attempts=2)
         if name == "moto" and proc is not None and c.url:
             from infra.embedded_aws import _answers
 
-            info["healthy"] = _answers(c.url or "")
+            info["healthy"] = _answers(c.url or "", attempts=2, timeout=5.0)
         components[name] = info
     up_count = sum(1 for v in components.values() if v["running"])
     overall = ("running" if up_count == len(COMPONENTS)

@@ -47,12 +47,15 @@ def _configure(url: str, timeout: float = 2.0) -> None:
         resp.read()
 
 
-def _answers(url: str) -> bool:
-    try:
-        _configure(url, timeout=1.0)
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
+def _answers(url: str, attempts: int = 1, timeout: float = 1.0) -> bool:
+    for attempt in range(attempts):
+        try:
+            _configure(url, timeout=timeout)
+            return True
+        except (urllib.error.URLError, OSError):
+            if attempt + 1 < attempts:
+                time.sleep(0.5)
+    return False
 
 
 class MotoServer:
@@ -105,7 +108,9 @@ def recorded_server() -> str | None:
         url = json.loads(path.read_text())["url"]
     except (OSError, ValueError, KeyError):
         return None
-    return url if _answers(url) else None
+    # A slow answer must not count as "gone": the caller would then start a private server
+    # and the run would not see the stack's buckets. A stopped server refuses at once.
+    return url if _answers(url, attempts=3, timeout=5.0) else None
 
 
 @contextlib.contextmanager

@@ -67,13 +67,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     assert up.returncode == 0, up.stdout + up.stderr
     report = json.loads(up.stdout)
     try:
+        deploying_at = datetime.now(timezone.utc)
         deployed = _cli(["deploy", "--json"], env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         yield {"env": env, "spec": spec, "spec_path": spec_path,
                "api_url": report["prefect_api_url"],
                "aws": AwsTarget(region="us-east-1", endpoint_url=report["moto_url"],
                                 embedded=True),
-               "deploy": json.loads(deployed.stdout), "logs": base / "home" / "logs"}
+               "deploy": json.loads(deployed.stdout), "logs": base / "home" / "logs",
+               "deploying_at": deploying_at}
     finally:
         down = _cli(["local", "down", "--json"], env)
         assert down.returncode == 0, down.stderr
@@ -138,7 +140,7 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
         next_runs = [datetime.fromisoformat(t) for t in listed["hpc-pipeline/nightly"]["next_runs"]]
         assert next_runs and next_runs == sorted(next_runs)
         assert next_runs[0] == min(r.expected_start_time for r in scheduled)
-        assert next_runs[0] > datetime.now(timezone.utc)
+        assert next_runs[0] > stack["deploying_at"]
         assert listed["hpc-pipeline/on-upload"]["next_runs"] == []
 
         expected = {
@@ -219,7 +221,7 @@ def test_upload_starts_exactly_one_on_upload_run(stack: dict[str, Any], tmp_path
 
     with _prefect(stack) as client:
         [run] = _wait("the on-upload run", lambda: _runs(client, "hpc-pipeline/on-upload"),
-                      timeout=60)
+                      timeout=180)
         assert run.parameters == {"input_key": key}
 
         # The same S3 event delivered again (SQS is at-least-once): the dedup store
@@ -231,7 +233,7 @@ def test_upload_starts_exactly_one_on_upload_run(stack: dict[str, Any], tmp_path
         sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName="input-uploads")["QueueUrl"],
                          MessageBody=duplicate)
         _wait("the duplicate to be acknowledged as such",
-              lambda: _skipped(stack, "input-uploads", event.id), timeout=30)
+              lambda: _skipped(stack, "input-uploads", event.id), timeout=120)
         # Past the dedup store (a handler that died after sending): Prefect itself drops
         # an event whose id it has just seen.
         emit([event])
@@ -239,7 +241,7 @@ def test_upload_starts_exactly_one_on_upload_run(stack: dict[str, Any], tmp_path
         time.sleep(2)  # a second trigger firing would create its run within ~0.2 s
         assert [r.id for r in _runs(client, "hpc-pipeline/on-upload")] == [run.id]
 
-        done = _finished(client, run.id, stack, timeout=150)
+        done = _finished(client, run.id, stack, timeout=300)
         assert done.state.is_completed(), done.state
 
     # The run computed on the uploaded field: its grid is the upload's shape.
@@ -276,9 +278,9 @@ def test_result_event_starts_postprocess(stack: dict[str, Any], tmp_path: Path) 
             return [r for r in _runs(client, "postprocess/on-result")
                     if r.parameters.get("key") == prefix + "manifest.json"]
 
-        [run] = _wait("the postprocess run", mine, timeout=60)
+        [run] = _wait("the postprocess run", mine, timeout=180)
         assert run.parameters == {"bucket": bucket, "key": prefix + "manifest.json"}
-        done = _finished(client, run.id, stack, timeout=90)
+        done = _finished(client, run.id, stack, timeout=240)
         assert done.state.is_completed(), done.state
 
         # Replaying the archived S3 events re-delivers the manifest's event through
@@ -287,7 +289,7 @@ def test_result_event_starts_postprocess(stack: dict[str, Any], tmp_path: Path) 
             id=[f"s3.object.{bucket}/{prefix}manifest.json"])), limit=10).events
         replay(aws, load_fabric(), since, datetime.now(timezone.utc), wait_s=60)
         _wait("the replayed event to be skipped",
-              lambda: _skipped(stack, "result-events", event.id), timeout=30)
+              lambda: _skipped(stack, "result-events", event.id), timeout=120)
         time.sleep(2)
         assert len(mine()) == 1
         # Only manifests are results: the summary and picture it wrote started nothing.
@@ -297,7 +299,7 @@ def test_result_event_starts_postprocess(stack: dict[str, Any], tmp_path: Path) 
         # so one run above is deduplication, not a trigger that fires once per object.
         fresh = Event.model_validate({**event.model_dump(), "id": uuid.uuid4()})
         emit([fresh])
-        _wait("a run for the fresh event", lambda: len(mine()) == 2, timeout=30)
+        _wait("a run for the fresh event", lambda: len(mine()) == 2, timeout=120)
 
     s3 = aws.client("s3")
     summary = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "summary.json")["Body"]

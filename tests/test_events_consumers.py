@@ -150,25 +150,31 @@ def test_partial_batch_response_retries_only_the_failed_messages(aws):
 def test_visibility_is_extended_while_the_handler_works(aws):
     t = tag()
     q = apply_fabric(aws, _queue_fabric(t, "tests.events_support:always_fail",
-                                        visibility_timeout=2)).queues[f"q-{t}"]
+                                        visibility_timeout=4)).queues[f"q-{t}"]
     sqs = aws.client("sqs")
     sqs.send_message(QueueUrl=q.url, MessageBody="slow")
     stolen: list[str] = []
+    done = threading.Event()
 
-    def thief() -> None:  # a second consumer, polling after the 2 s timeout would have expired
-        time.sleep(2.8)
-        stolen.extend(m["Body"] for m in sqs.receive_message(
-            QueueUrl=q.url, WaitTimeSeconds=0).get("Messages", []))
-
-    def slow(event, context):
-        time.sleep(4)
-        return None
+    def thief() -> None:  # a second consumer polling all along, long past the 4 s timeout
+        while not done.wait(0.2):
+            stolen.extend(m["Body"] for m in sqs.receive_message(
+                QueueUrl=q.url, WaitTimeSeconds=0).get("Messages", []))
 
     spy = threading.Thread(target=thief)
-    spy.start()
+
+    def slow(event, context):
+        spy.start()  # from inside the handler: the message has been received by then
+        time.sleep(9)
+        return None
+
     source = SqsEventSource(aws, q.url, slow, name="slow", backoff=FAST)
-    source.poll_once(wait_time_s=1)
-    spy.join()
+    try:
+        source.poll_once(wait_time_s=1)
+    finally:
+        done.set()
+        if spy.is_alive():
+            spy.join()
     assert stolen == []
     assert source.stats.processed == 1 and _depth(aws, q.url) == 0
 
@@ -253,7 +259,9 @@ def test_fifo_failure_blocks_only_its_group_until_the_dlq(aws):
         timeline.append(("ok", detail["run_id"], detail["stage"]))
 
     source = SqsEventSource(aws, q.url, sqs_batch_handler(process), name=f"runs-{t}",
-                            backoff=Backoff(base_s=1), dedup_table=f"dedup-{t}")
+                            # A's retries wait 2 s then 4 s: B's three messages must get
+                            # through in that time, which a loaded machine still allows.
+                            backoff=Backoff(base_s=2), dedup_table=f"dedup-{t}")
     stats = source.drain(timeout_s=60)
     ok = [(r, s) for kind, r, s in timeline if kind == "ok"]
     assert [s for r, s in ok if r == "A"] == ["s1", "s3", "s4"]  # order kept, s2 skipped

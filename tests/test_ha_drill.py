@@ -42,14 +42,16 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_drill_loses_no_job(design: str, local_slurm: LocalSlurm, tmp_path: Path) -> None:
     shared_ctld = local_slurm.pid("slurmctld")
     assert shared_ctld is not None
-    # One more job than the node runs at once: some jobs are queued when the head dies.
+    # One more job than the node runs at once: some jobs are queued when the head dies. Each
+    # job runs 15 s: waiting for slurmctld's state save takes up to ~5 s, and what is left must
+    # outlast a stalled drill on a loaded machine, or nothing is still running at the failure.
     jobs = (os.cpu_count() or 2) + 1
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SLURM_"))}
     env["CLUSTERFLOW_HOME"] = str(tmp_path / "home")
     work = tmp_path / "drills"
     proc = subprocess.run(
         [sys.executable, "-m", "infra.ha.cli", "drill", "--design", design, "--json",
-         "--jobs", str(jobs), "--job-seconds", "7", "--workdir", str(work), "--timeout", "90"],
+         "--jobs", str(jobs), "--job-seconds", "15", "--workdir", str(work), "--timeout", "90"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout)

@@ -249,7 +249,8 @@ def test_killed_run_restarts_bitwise_with_another_rank_count(tmp_path: Path) -> 
     ckpt = tmp_path / "ckpt"
     args = [*_heat_args(shape, steps, 0.2, tmp_path / "u0.npy", tmp_path / "out"),
             "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10"]
-    proc = start("heat", 3, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.01"})
+    # ~12 s between the awaited checkpoint and the natural end: room for a stalled test process.
+    proc = start("heat", 3, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.05"})
     kill_one_rank_once(proc, lambda: newest_checkpoint_step(ckpt, "heat") >= 60)
     assert not (tmp_path / "out" / "field.npy").exists()
     resumed_at = newest_checkpoint_step(ckpt, "heat")
@@ -281,7 +282,7 @@ def test_failing_rank_aborts_the_job(tmp_path: Path) -> None:
         2,
         _heat_args((64, 64), 100_000, 0.2, tmp_path / "u0.npy", out),
         env_extra={"CLUSTERFLOW_HEAT_FAIL_RANK": "1"},
-        timeout=20,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "heat: rank 1: RuntimeError: injected failure" in result.stderr, result.stderr
@@ -291,7 +292,7 @@ def test_failing_rank_aborts_the_job(tmp_path: Path) -> None:
 def test_bad_input_shape_is_one_clear_line(tmp_path: Path) -> None:
     np.save(tmp_path / "u0.npy", np.zeros((10, 12)))
     args = ["--nx", "10", "--ny", "12", "--steps", "3", "--in", str(tmp_path / "u0.npy")]
-    result = run("heat", 2, [*args, "--out", str(tmp_path / "out")], timeout=20)
+    result = run("heat", 2, [*args, "--out", str(tmp_path / "out")], timeout=60)
     assert result.returncode != 0
     (line,) = kernel_lines(result.stderr, "heat")
     assert "has shape (10, 12)" in line and "(ny, nx) = (12, 10)" in line, line
@@ -303,7 +304,7 @@ def test_non_finite_input_is_refused(tmp_path: Path) -> None:
     u0[5, 5] = np.nan  # in the last rank's block
     np.save(tmp_path / "u0.npy", u0)
     args = _heat_args((6, 6), 3, 0.2, tmp_path / "u0.npy", tmp_path / "out")
-    result = run("heat", 4, args, timeout=20)
+    result = run("heat", 4, args, timeout=60)
     assert result.returncode == 1
     (line,) = kernel_lines(result.stderr, "heat")
     assert "NaN or infinite" in line, line
@@ -312,7 +313,7 @@ def test_non_finite_input_is_refused(tmp_path: Path) -> None:
 def test_grid_too_small_for_process_grid(tmp_path: Path) -> None:
     np.save(tmp_path / "u0.npy", np.zeros((1, 8)))
     args = ["--nx", "8", "--ny", "1", "--steps", "1", "--in", str(tmp_path / "u0.npy")]
-    result = run("heat", 4, [*args, "--out", str(tmp_path / "out")], timeout=20)
+    result = run("heat", 4, [*args, "--out", str(tmp_path / "out")], timeout=60)
     assert result.returncode != 0
     (line,) = kernel_lines(result.stderr, "heat")
     assert "too small" in line and "2 x 2" in line, line

@@ -173,7 +173,8 @@ def test_killed_run_restarts_with_identical_counts(tmp_path: Path) -> None:
     args = ["--input", str(path), "--k", "15", "--top", "0", "--chunk-bytes", "1000",
             "--out", str(tmp_path / "out"), "--checkpoint-dir", str(ckpt),
             "--checkpoint-every", "3"]
-    proc = start("kmer", 2, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.02"})
+    # ~10 s between the awaited checkpoint and the natural end: room for a stalled test process.
+    proc = start("kmer", 2, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.1"})
     kill_one_rank_once(proc, lambda: newest_checkpoint_step(ckpt, "kmer") >= 15)
     resumed = newest_checkpoint_step(ckpt, "kmer")
 
@@ -195,7 +196,7 @@ def test_malformed_fastq_record_is_one_line(tmp_path: Path) -> None:
     good[150] = Record("broken", b"ACGTACGTAC" * 5, b"I" * 49)
     path = write_records(tmp_path / "bad.fastq", good, "fastq")
     result = run("kmer", 2, ["--input", str(path), "--k", "5", "--chunk-bytes", "2000",
-                             "--out", str(tmp_path / "out")], timeout=30)
+                             "--out", str(tmp_path / "out")], timeout=60)
     assert result.returncode == 1
     (line,) = kernel_lines(result.stderr, "kmer")
     assert "'broken'" in line and "quality line has 49 characters" in line, line
@@ -206,7 +207,7 @@ def test_not_a_sequence_file_and_failing_rank(tmp_path: Path) -> None:
     path = tmp_path / "x.txt"
     path.write_text("hello\n")
     result = run("kmer", 2, ["--input", str(path), "--k", "5", "--out", str(tmp_path / "o")],
-                 timeout=30)
+                 timeout=60)
     assert result.returncode == 1
     (line,) = kernel_lines(result.stderr, "kmer")
     assert "neither FASTA" in line and "'h'" in line, line
@@ -215,6 +216,6 @@ def test_not_a_sequence_file_and_failing_rank(tmp_path: Path) -> None:
     result = run("kmer", 3, ["--input", str(reads), "--k", "5", "--chunk-bytes", "100",
                              "--out", str(tmp_path / "o")],
                  env_extra={"CLUSTERFLOW_KMER_FAIL_RANK": "1",
-                            "CLUSTERFLOW_STEP_DELAY_SECONDS": "0.05"}, timeout=30)
+                            "CLUSTERFLOW_STEP_DELAY_SECONDS": "0.05"}, timeout=60)
     assert result.returncode != 0
     assert "kmer: rank 1: RuntimeError: injected failure" in result.stderr, result.stderr

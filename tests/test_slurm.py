@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -343,10 +344,17 @@ def test_exit_codes_and_time_limits() -> None:
 
 def test_wait_returns_the_terminal_status_and_reports_each_poll(tmp_path: Path) -> None:
     provider = LocalProvider()
-    job = provider.submit(["sh", "-c", "echo a; sleep 0.4; echo b"], ranks=1, job_name="w",
-                          workdir=tmp_path)
+    # The job holds until the first poll has been seen, so that poll must find it running.
+    release = tmp_path / "release"
+    job = provider.submit(["sh", "-c", f"echo a; while [ ! -e {release} ]; do sleep 0.05; "
+                                       "done; echo b"], ranks=1, job_name="w", workdir=tmp_path)
     seen = []
-    status = wait(provider, job, backoff=FAST, on_poll=lambda s: seen.append(s.state))
+
+    def on_poll(s: Any) -> None:
+        seen.append(s.state)
+        release.touch()
+
+    status = wait(provider, job, timeout=60, backoff=FAST, on_poll=on_poll)
     assert status.state is JobState.COMPLETED
     assert seen[0] is JobState.RUNNING and seen[-1] is JobState.COMPLETED
     assert job.stdout.read_text() == "a\nb\n"

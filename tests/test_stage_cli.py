@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ import pytest
 from flows.pipeline import ensure_bucket
 
 REPO = Path(__file__).resolve().parent.parent
-FILES = 400
+# The kill comes after 40 files; the other ~1000 keep the first run busy for several seconds,
+# so a test process stalled on a loaded machine still finds it running.
+FILES = 1200
 
 
 def _stage(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen[str]:
@@ -38,9 +41,13 @@ def many_objects(aws):
     bucket = f"cli-{uuid.uuid4().hex[:8]}"
     ensure_bucket(aws, bucket)
     s3 = aws.client("s3")
-    for i in range(FILES):
+
+    def put(i: int) -> None:
         s3.put_object(Bucket=bucket, Key=f"in/d{i % 5}/f{i:04d}.bin",
                       Body=i.to_bytes(4, "big") * 4096, ChecksumAlgorithm="SHA256")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, range(FILES)))
     return bucket
 
 
@@ -55,7 +62,7 @@ def test_resume_after_kill_moves_only_the_rest(env, many_objects, tmp_path):
     while not dst.exists() or len(_finals(dst)) < 40:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
-        time.sleep(0.01)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     present = len(_finals(dst))
@@ -69,7 +76,7 @@ def test_resume_after_kill_moves_only_the_rest(env, many_objects, tmp_path):
     assert summary["copied"] == FILES - present
     assert summary["skipped"] == present and summary["files"] == FILES
     assert [p for p in dst.rglob("*.cfpart")] == []  # the killed run's partial files are gone
-    for i in (0, 199, 399):
+    for i in (0, 599, FILES - 1):
         assert (dst / f"d{i % 5}/f{i:04d}.bin").read_bytes() == i.to_bytes(4, "big") * 4096
 
     third = _stage([src, str(dst), "--json"], env)

@@ -174,7 +174,9 @@ def test_killed_run_restarts_bitwise_with_another_rank_count(tmp_path: Path) -> 
     ckpt = tmp_path / "ckpt"
     args = ["--paths", "12000", "--block-paths", "100", "--seed", "5", "--out",
             str(tmp_path / "out"), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "2"]
-    proc = start("var", 2, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.02"})
+    # The delay leaves ~10 s between the checkpoint the kill waits for and the natural end, so a
+    # stalled test process cannot miss the window on a loaded machine.
+    proc = start("var", 2, args, env_extra={"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.1"})
     kill_one_rank_once(proc, lambda: newest_checkpoint_step(ckpt, "var") >= 20)
     resumed = newest_checkpoint_step(ckpt, "var")
     assert 20 <= resumed < 120
@@ -190,7 +192,7 @@ def test_killed_run_restarts_bitwise_with_another_rank_count(tmp_path: Path) -> 
 def test_bad_portfolio_fails_with_one_line(tmp_path: Path) -> None:
     bad = _portfolio_file(tmp_path / "p.json", horizon_days=-1)
     result = run("var", 2, ["--paths", "100", "--portfolio", str(bad), "--out",
-                            str(tmp_path / "out")], timeout=30)
+                            str(tmp_path / "out")], timeout=60)
     assert result.returncode == 1
     (line,) = kernel_lines(result.stderr, "var")
     assert "horizon_days" in line and str(bad) in line, line
@@ -199,7 +201,7 @@ def test_bad_portfolio_fails_with_one_line(tmp_path: Path) -> None:
 def test_failing_rank_aborts_the_job(tmp_path: Path) -> None:
     result = run("var", 3, ["--paths", "10000000", "--block-paths", "1000", "--out",
                             str(tmp_path / "out")],
-                 env_extra={"CLUSTERFLOW_VAR_FAIL_RANK": "2"}, timeout=30)
+                 env_extra={"CLUSTERFLOW_VAR_FAIL_RANK": "2"}, timeout=60)
     assert result.returncode != 0
     assert "var: rank 2: RuntimeError: injected failure" in result.stderr, result.stderr
     assert not (tmp_path / "out" / "result.json").exists()
