@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=1000)
     parser.add_argument("--gzip", action="store_true", help="compress the input")
     parser.add_argument("--max-ranks", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per rank count; the fastest counts (this VM's page faults "
+                             "and neighbours make single runs vary 2x)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +61,8 @@ def main() -> int:
             kargs = ["--input", str(path), "--k", str(args.k), "--top", str(args.top),
                      "--out", str(out)]
             run_kernel("kmer", 1, [*kargs[:-1], str(Path(tmp) / "warm")])  # numba cache
-            wall, manifest = run_kernel("kmer", ranks, kargs)
+            tries = [run_kernel("kmer", ranks, kargs) for _ in range(max(1, args.repeat))]
+            wall, manifest = min(tries, key=lambda t: t[1]["wall_seconds"])
             same = (out / "counts.tsv").read_text() == expected
             kernel = manifest["wall_seconds"]
             runs[str(ranks)] = {
@@ -69,6 +73,7 @@ def main() -> int:
                 "speedup_per_rank": t_counter / (kernel * ranks),
                 "speedup_per_rank_incl_launch": t_counter / (wall * ranks),
                 "kmers_per_second": kmers / kernel,
+                "kernel_wall_seconds_all": [t[1]["wall_seconds"] for t in tries],
             }
 
     result = {

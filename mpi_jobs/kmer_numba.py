@@ -4,7 +4,9 @@ k-mers are 2-bit encoded (A=0, C=1, G=2, T=3) into a uint64, so k <= 31 and, for
 numeric order is lexicographic order: the canonical k-mer (the lexicographic min of a k-mer and
 its reverse complement) is the numeric min of the two codes, both maintained incrementally as
 the sequence is scanned. Counts live in an open-addressing hash table (linear probing) keyed by
-code; `EMPTY` (all ones) can never be a code because codes use at most 62 bits.
+code; `EMPTY` (all ones) can never be a code because codes use at most 62 bits. Each probe is
+a cache miss in a table much larger than the caches, so the slot of the k-mer
+`PREFETCH_AHEAD` places on is prefetched (`mpi_jobs.prefetch`) to keep several misses in flight.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from mpi_jobs.jit import jit
+from mpi_jobs.prefetch import prefetch_row
 
 MAX_K = 31
 EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+# How many k-mers ahead a table slot is prefetched: enough misses in flight to cover DRAM
+# latency, few enough that the lines are still cached when the probe comes (measured on 18M
+# k-mers: 0.52 s without, 0.34 s at 16 or 32, 0.39 s at 8).
+PREFETCH_AHEAD = 16
+FAST_GROWTH_BELOW = 1 << 22  # table rows (64 MiB): see `CountTable._grow`
 
 # Parse errors (codes returned by `extract`), with the byte offset of the offending record.
 ERR_NONE, ERR_HEADER, ERR_SEPARATOR, ERR_QUALITY, ERR_TRUNCATED = range(5)
@@ -148,9 +156,14 @@ def insert(slots, codes, weights, start, used, limit):  # type: ignore[no-untype
     """
     mask = np.uint64(slots.shape[0] - 1)
     unit = weights.shape[0] == 0
-    for i in range(start, codes.shape[0]):
+    n = codes.shape[0]
+    for i in range(start, min(start + PREFETCH_AHEAD, n)):
+        prefetch_row(slots, _mix(codes[i]) & mask)
+    for i in range(start, n):
         if used >= limit:
             return i, used
+        if i + PREFETCH_AHEAD < n:
+            prefetch_row(slots, _mix(codes[i + PREFETCH_AHEAD]) & mask)
         code = codes[i]
         slot = _mix(code) & mask
         while True:
@@ -163,7 +176,7 @@ def insert(slots, codes, weights, start, used, limit):  # type: ignore[no-untype
                 break
             slot = (slot + np.uint64(1)) & mask
         slots[slot, 1] += np.uint64(1) if unit else np.uint64(weights[i])
-    return codes.shape[0], used
+    return n, used
 
 
 @jit
@@ -179,6 +192,9 @@ def _rehash(old, new):  # type: ignore[no-untyped-def]
     mask = np.uint64(new.shape[0] - 1)
     used = 0
     for s in range(old.shape[0]):
+        ahead = s + PREFETCH_AHEAD
+        if ahead < old.shape[0] and old[ahead, 0] != EMPTY:
+            prefetch_row(new, _mix(old[ahead, 0]) & mask)
         code = old[s, 0]
         if code == EMPTY:
             continue
@@ -219,8 +235,11 @@ class CountTable:
         return slots
 
     def _grow(self) -> None:
-        # x4: a table that grew once will likely grow again; fewer rehashes of a big table.
-        bigger = self._empty(self.slots.shape[0] * 4)
+        # x4 while the table is small (a table that grew once will likely grow again: fewer
+        # rehashes), x2 once it is big: then memory, and the cost of faulting in fresh pages
+        # (which dominated the growth of a 256 MiB table here), matter more than one rehash.
+        rows = self.slots.shape[0]
+        bigger = self._empty(rows * (4 if rows < FAST_GROWTH_BELOW else 2))
         self.used = _rehash(self.slots, bigger)
         self.slots = bigger
 
