@@ -183,7 +183,8 @@ def _describe(api_url: str, prefect_file: Path) -> list[dict[str, Any]]:
                 raise _fail(f"deployment {name} ({entrypoint}) is missing after deploy")
             automations = client.request(
                 "GET", f"/automations/related-to/prefect.deployment.{d.id}").json()
-            next_runs = _schedule_now(client, d) if any(s.active for s in d.schedules) else []
+            scheduled = not d.paused and any(s.active for s in d.schedules)
+            next_runs = _schedule_now(client, d) if scheduled else []
             found.append({
                 "name": f"{flows.get(d.flow_id, '?')}/{d.name}",
                 "id": str(d.id),
@@ -218,11 +219,16 @@ def _schedule_now(client: Any, deployment: Any) -> list[str]:
         FlowRunFilterStateName,
     )
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import PrefectHTTPStatusError
 
-    resp = client.request("POST", f"/deployments/{deployment.id}/schedule", json={})
-    if resp.status_code >= 400:
-        raise _fail(f"could not schedule the runs of deployment {deployment.name} "
-                    f"(HTTP {resp.status_code}): {resp.text[:500]}")
+    try:
+        client.request("POST", f"/deployments/{deployment.id}/schedule", json={})
+    except PrefectHTTPStatusError as e:
+        # The deployment is registered either way; the server's scheduler makes the runs on
+        # its next loop. Only the early listing is lost.
+        err.print(f"[yellow]warning:[/] the server did not schedule {deployment.name}'s runs "
+                  f"now ({e.response.status_code}); its scheduler will within a minute")
+        return []
     runs = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),

@@ -5,6 +5,9 @@ plain loop waits for DRAM on every iteration, one miss at a time. Issuing the pr
 few k-mers ahead (its slot is known as soon as the code is hashed) keeps several misses in
 flight and roughly halves the insert time measured here. numba has no prefetch of its own;
 this emits LLVM's ``llvm.prefetch`` intrinsic, a hint that never faults and changes no value.
+
+numba's on-disk cache keys a kernel by its own module, not this one: after editing this file,
+delete ``mpi_jobs/__pycache__/*.nb[ic]`` so the kernels are compiled again.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# LLVM names the intrinsic by its pointer type: opaque pointers ("p0") from LLVM 15 on.
-_NAME = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info >= (15,) else "llvm.prefetch.p0i8"
+# LLVM names the intrinsic by its pointer type: "p0" for opaque pointers, the only kind from
+# LLVM 17 on; the typed "p0i8" before (llvmlite kept typed pointers on LLVM 14-16).
+_NAME = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info >= (17,) else "llvm.prefetch.p0i8"
 
 
 @intrinsic

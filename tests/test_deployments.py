@@ -321,3 +321,27 @@ def test_result_event_starts_postprocess(stack: dict[str, Any], tmp_path: Path) 
     local = Path(stack["spec"]["scratch_dir"]) / run_id / "postprocess"
     assert json.loads((local / "summary.json").read_text()) == summary
     assert (local / "field.png").read_bytes() == png
+
+
+def test_a_server_that_cannot_schedule_now_only_costs_the_listing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`deploy` has registered everything by then: a server without the schedule endpoint
+    (or refusing it) must not turn a good deploy into a failure."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.local_cli import _schedule_now
+
+    class Refusing:
+        def request(self, method: str, path: str, **kwargs: Any) -> Any:
+            request = httpx.Request(method, f"https://api.example/{path}")
+            response = httpx.Response(404, request=request, text="Not Found")
+            raise PrefectHTTPStatusError("404", request=request, response=response)
+
+        def read_flow_runs(self, **kwargs: Any) -> Any:
+            raise AssertionError("nothing to list after a refused schedule")
+
+    deployment = type("Deployment", (), {"id": uuid.uuid4(), "name": "nightly"})()
+    assert _schedule_now(Refusing(), deployment) == []
+    assert "did not schedule nightly's runs now (404)" in " ".join(
+        capsys.readouterr().err.split())

@@ -22,7 +22,13 @@ from infra.ha import head_boot as hb
 from infra.ha.config import HaConfig
 from infra.ha.deploy import Deployment, deploy, lambda_zip
 from infra.ha.drill import LocalLambda, alarm_event, lifecycle_event
-from infra.ha.handlers import RecoveryError, complete_lifecycle_action
+from infra.ha.handlers import (
+    ROLE_RETIRED,
+    TAG_KEEP,
+    RecoveryError,
+    complete_lifecycle_action,
+    retire_detached_volumes,
+)
 
 REGION = "us-east-1"
 
@@ -223,25 +229,34 @@ def test_asg_hooks_snapshot_then_restore_in_the_other_az(aws: AwsTarget) -> None
     new = group["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
     assert new != old and _az(aws, new) == other
 
-    # A detached cluster volume that no final snapshot holds (say, detached by hand): it may
-    # carry the only copy of its data, so the launch hook must leave it alone.
-    unsaved = ec2.create_volume(AvailabilityZone=old_az, Size=1, TagSpecifications=hb.tag_spec(
-        "volume", {hb.TAG_CLUSTER: cfg.cluster, hb.TAG_ROLE: hb.ROLE_VOLUME}))["VolumeId"]
+    # A detached cluster volume an operator tagged to keep: the hook must leave it alone.
+    pinned = ec2.create_volume(AvailabilityZone=old_az, Size=1, TagSpecifications=hb.tag_spec(
+        "volume", {hb.TAG_CLUSTER: cfg.cluster, hb.TAG_ROLE: hb.ROLE_VOLUME,
+                   TAG_KEEP: "debugging"}))["VolumeId"]
     old_volume = first["volume"]["volume_id"]
     assert ec2.describe_volumes(VolumeIds=[old_volume])["Volumes"][0]["State"] == "available"
 
     launch = deliver("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", new)
     assert launch["volume"]["snapshot_id"] == term["snapshot_id"]
     assert launch["volume"]["availability_zone"] == other
-    # The old head's volume is saved in the snapshot just restored: deleted, not left billing.
-    assert launch["retired_volumes"] == {"deleted": [old_volume], "kept": [unsaved]}
+    # The old head's volume: snapshotted after its detach (its final state; the terminate
+    # snapshot was taken while the head still ran), then deleted instead of left billing.
+    assert launch["retired_volumes"] == {"deleted": [old_volume], "snapshotting": [],
+                                         "kept": [pinned], "failed": []}
+    [retired] = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        {"Name": f"tag:{hb.TAG_CLUSTER}", "Values": [cfg.cluster]},
+        {"Name": f"tag:{hb.TAG_ROLE}", "Values": [ROLE_RETIRED]}])["Snapshots"]
+    assert retired["VolumeId"] == old_volume and retired["State"] == "completed"
+    # ...and it never becomes the state a later head restores.
+    assert hb.newest_snapshot(ec2, cfg.cluster)["SnapshotId"] == term["snapshot_id"]
     left = {v["VolumeId"] for v in ec2.describe_volumes(Filters=[
         {"Name": f"tag:{hb.TAG_CLUSTER}", "Values": [cfg.cluster]}])["Volumes"]}
-    assert left == {launch["volume"]["volume_id"], unsaved}
+    assert left == {launch["volume"]["volume_id"], pinned}
     # Delivered twice (EventBridge is at-least-once): the same volume, not a second one.
     again_launch = deliver("launch", "autoscaling:EC2_INSTANCE_LAUNCHING", new)
     assert again_launch["volume"]["volume_id"] == launch["volume"]["volume_id"]
-    assert again_launch["retired_volumes"] == {"deleted": [], "kept": [unsaved]}
+    assert again_launch["retired_volumes"] == {"deleted": [], "snapshotting": [],
+                                               "kept": [pinned], "failed": []}
     _boot(aws, cfg, new)
     assert _eip_instance(aws, dep) == new  # moved off the terminated head
 
@@ -293,3 +308,25 @@ def test_lambda_package_needs_only_boto3(tmp_path: Path) -> None:
                          text=True, check=True, cwd=tmp_path, env=env)
     got = json.loads(out.stdout)
     assert got["file"].startswith(str(tmp_path)) and got["bad"] == []
+
+
+def test_a_volume_is_deleted_only_after_its_own_snapshot_completed(aws: AwsTarget) -> None:
+    """Until its retire snapshot has completed, a detached volume is the only copy of its
+    last writes: it stays (reported as snapshotting) and a later call deletes it."""
+    ec2, cluster = aws.client("ec2"), f"retire-{uuid.uuid4().hex[:8]}"
+    vid = ec2.create_volume(AvailabilityZone=f"{REGION}a", Size=1, TagSpecifications=hb.tag_spec(
+        "volume", {hb.TAG_CLUSTER: cluster, hb.TAG_ROLE: hb.ROLE_VOLUME}))["VolumeId"]
+    stubbed = Stubber(ec2)  # moto completes snapshots at once; EBS takes minutes
+    stubbed.add_response("describe_volumes", {"Volumes": [
+        {"VolumeId": vid, "State": "available", "Tags": []}]})
+    stubbed.add_response("describe_snapshots", {"Snapshots": []})
+    stubbed.add_response("create_snapshot", {"SnapshotId": "snap-0123456789abcdef0",
+                                             "VolumeId": vid, "State": "pending"})
+    stubbed.add_response("describe_snapshots", {"Snapshots": []})  # the prune
+    with stubbed:
+        assert retire_detached_volumes(ec2, cluster) == {
+            "deleted": [], "snapshotting": [vid], "kept": [], "failed": []}
+    assert ec2.describe_volumes(VolumeIds=[vid])["Volumes"]  # still there
+    # Later (for real now): the same call snapshots and, the snapshot complete, deletes.
+    assert retire_detached_volumes(ec2, cluster, wait_delay=1, wait_attempts=5)["deleted"] == [vid]
+    assert ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [vid]}])["Volumes"] == []

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, WaiterError
 from botocore.parsers import ResponseParserError
 
 from infra.ha import head_boot as hb
@@ -222,40 +223,69 @@ def recovery_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- ASG design
 
 
-# Snapshots taken as a head left (ASG terminate hook) or was fenced (failover): each holds its
-# volume's last state, so that volume is no longer needed once it is detached.
-FINAL_SNAPSHOT_REASONS = ("terminate", "failover")
+# A retired volume's own last snapshot. A separate role: restores and the shared-snapshot
+# pruning never see it, so an old head's volume can never be restored in place of the state
+# the running head saved.
+ROLE_RETIRED = "retired-volume-snapshot"
+TAG_KEEP = "clusterflow:keep"  # on a volume: never retire it
 
 
-def retire_detached_volumes(ec2: Any, cluster: str, keep: str | None = None,
-                            ) -> dict[str, list[str]]:
-    """Delete the cluster's detached shared volumes whose last state a snapshot already holds.
+def retire_detached_volumes(ec2: Any, cluster: str, keep: str | None = None, *,
+                            wait_delay: int = 5, wait_attempts: int = 0,
+                            keep_snapshots: int = 5) -> dict[str, list[str]]:
+    """Snapshot, then delete, the cluster's detached shared volumes (all but ``keep``).
 
     An ASG replacement restores the newest snapshot into the new head's AZ; the old head's
-    volume is detached by the termination and would otherwise bill forever. Only a volume with
-    a terminate/failover snapshot of its own is deleted: one detached without such a snapshot
-    may hold the only copy of newer state, so it is kept and reported instead.
+    volume, detached by the termination, would otherwise bill forever. Its terminate snapshot
+    is not enough to delete it: it was taken while the head still ran, and slurmctld writes
+    until shutdown. So each detached volume first gets a snapshot of its own (taken now, after
+    the detach: its final state), and is deleted only once that snapshot has completed, in
+    this call (waiting up to ``wait_attempts`` polls) or a later one. A volume tagged
+    ``clusterflow:keep`` is left alone. A failure on one volume is reported, not raised: the
+    caller has finished its real work by then.
     """
-    volumes = ec2.describe_volumes(Filters=[
+    out: dict[str, list[str]] = {"deleted": [], "snapshotting": [], "kept": [], "failed": []}
+    volumes = [v for v in ec2.describe_volumes(Filters=[
         *hb.cluster_filters(cluster, hb.ROLE_VOLUME),
-        {"Name": "status", "Values": ["available"]}])["Volumes"]
+        {"Name": "status", "Values": ["available"]}])["Volumes"] if v["VolumeId"] != keep]
     if not volumes:
-        return {"deleted": [], "kept": []}
+        return out
     snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        *hb.cluster_filters(cluster, hb.ROLE_SNAPSHOT),
+        *hb.cluster_filters(cluster, ROLE_RETIRED),
         {"Name": "status", "Values": ["pending", "completed"]}])["Snapshots"]
-    saved = {s["VolumeId"] for s in snaps
-             if hb.tags_of(s).get(hb.TAG_REASON) in FINAL_SNAPSHOT_REASONS}
-    deleted, kept = [], []
     for v in volumes:
-        if v["VolumeId"] == keep:
+        vid = v["VolumeId"]
+        if TAG_KEEP in hb.tags_of(v):
+            out["kept"].append(vid)
             continue
-        if v["VolumeId"] in saved:
-            ec2.delete_volume(VolumeId=v["VolumeId"])
-            deleted.append(v["VolumeId"])
-        else:
-            kept.append(v["VolumeId"])
-    return {"deleted": deleted, "kept": kept}
+        try:
+            mine = [s for s in snaps if s["VolumeId"] == vid]
+            if not mine:
+                snap = ec2.create_snapshot(
+                    VolumeId=vid, Description=f"clusterflow {cluster} retired shared volume",
+                    TagSpecifications=hb.tag_spec("snapshot", {
+                        hb.TAG_CLUSTER: cluster, hb.TAG_ROLE: ROLE_RETIRED,
+                        hb.TAG_TAKEN_AT: str(time.time_ns())}))
+                mine = [{"SnapshotId": snap["SnapshotId"], "State": snap.get("State")}]
+            done = any(s.get("State") == "completed" for s in mine)
+            if not done and wait_attempts > 0:
+                ec2.get_waiter("snapshot_completed").wait(
+                    SnapshotIds=[mine[0]["SnapshotId"]],
+                    WaiterConfig={"Delay": wait_delay, "MaxAttempts": wait_attempts})
+                done = True
+            if done:
+                ec2.delete_volume(VolumeId=vid)
+                out["deleted"].append(vid)
+            else:
+                out["snapshotting"].append(vid)
+        except (ClientError, WaiterError) as e:
+            log.warning("cluster %s: could not retire volume %s: %s", cluster, vid, e)
+            out["failed"].append(vid)
+    try:
+        hb.prune_snapshots(ec2, cluster, keep_snapshots, role=ROLE_RETIRED)
+    except ClientError as e:
+        log.warning("cluster %s: could not prune retired-volume snapshots: %s", cluster, e)
+    return out
 
 
 def _hook_detail(event: dict[str, Any], transition: str) -> dict[str, Any] | None:
@@ -298,11 +328,12 @@ def launch_hook_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     restored = hb.restore_shared_volume(ec2, cluster, ident, _spec(s),
                                         wait_delay=int(s.get("wait_delay", 5)))
     lifecycle = complete_lifecycle_action(target, detail)
-    # After the restore: the old head's volume, detached by its termination, is saved in the
-    # snapshot just restored, so it goes (it would otherwise bill on, unused).
-    retired = retire_detached_volumes(ec2, cluster, keep=restored["volume_id"])
-    if retired["kept"]:
-        log.warning("cluster %s: detached shared volumes without a final snapshot kept: %s",
-                    cluster, ", ".join(retired["kept"]))
+    # After the restore: the old head's volume, detached by its termination, is snapshotted
+    # once more and deleted (it would otherwise bill on, unused). Waits at most ~5 min; a
+    # snapshot still running then is finished by the next hook.
+    delay = int(s.get("wait_delay", 5))
+    retired = retire_detached_volumes(
+        ec2, cluster, keep=restored["volume_id"], wait_delay=delay,
+        wait_attempts=max(1, 300 // max(delay, 1)), keep_snapshots=int(s["keep_snapshots"]))
     return {"action": "restored", "instance_id": iid, "availability_zone": ident.availability_zone,
             "volume": restored, "lifecycle": lifecycle, "retired_volumes": retired}

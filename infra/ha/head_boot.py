@@ -138,9 +138,9 @@ def snapshot_volume(ec2: Any, cluster: str, volume_id: str, *, reason: str,
     return snap["SnapshotId"]
 
 
-def prune_snapshots(ec2: Any, cluster: str, keep: int) -> list[str]:
+def prune_snapshots(ec2: Any, cluster: str, keep: int, role: str = ROLE_SNAPSHOT) -> list[str]:
     snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-        *cluster_filters(cluster, ROLE_SNAPSHOT),
+        *cluster_filters(cluster, role),
         {"Name": "status", "Values": ["completed"]}])["Snapshots"]
     snaps.sort(key=lambda s: (s["StartTime"], int(tags_of(s).get(TAG_TAKEN_AT, "0"))))
     doomed = [s["SnapshotId"] for s in snaps[:-keep]] if keep > 0 else []
