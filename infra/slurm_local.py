@@ -192,6 +192,16 @@ def _ours(pid: int, daemon: str, marker: str) -> bool:
     return comm == daemon and marker in cmdline and _alive(pid)
 
 
+def _orphans(daemon: str, marker: str, known: int | None) -> list[int]:
+    """Our daemon's processes that its pid file does not name (a lost or stale pid file)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != known and _ours(int(entry.name), daemon,
+                                                                         marker):
+            found.append(int(entry.name))
+    return found
+
+
 def _tail(path: Path, chars: int = 1500) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -500,11 +510,21 @@ class LocalSlurm:
             _run(["mungekey", "-c", "-k", str(lay.munge_key)], check=True)
         lay.munge_key.chmod(0o600)
         moved = None
-        if (self.pid("slurmctld") is None and self.pid("slurmd") is None
-                and not (_port_free(s.ctld_port) and _port_free(s.slurmd_port))):
+        held = [port for daemon, port in (("slurmctld", s.ctld_port), ("slurmd", s.slurmd_port))
+                if self.pid(daemon) is None and not _port_free(port)]
+        if held:
             # Ports are picked when a state dir is created; two dirs created while neither ran
-            # (two checkouts, say) can hold the same pair. Whoever holds it now, move away
-            # rather than fail with slurmd's "Address already in use"; queued jobs are kept.
+            # (two checkouts, say) can hold the same pair. If another Slurm holds ours, move
+            # both daemons to a free pair (the changed config restarts them; queued jobs are
+            # kept) rather than fail with slurmd's "Address already in use". Unless it is our
+            # own daemon whose pid file was lost: a second controller on the same state would
+            # corrupt it.
+            for daemon in ("slurmctld", "slurmd"):
+                strays = _orphans(daemon, lay.marker(daemon), self.pid(daemon))
+                if strays:
+                    raise LocalSlurmError(
+                        f"{daemon} of {lay.root} runs as pid {strays[0]} but {lay.pid_file(daemon)}"
+                        f" does not name it; stop it (kill {strays[0]}) and run `up` again")
             moved = [s.ctld_port, s.slurmd_port]
             ctld, slurmd = _pick_ports(lay.root)
             s = s.model_copy(update={"ctld_port": ctld, "slurmd_port": slurmd})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -312,6 +313,29 @@ def test_a_cluster_whose_ports_were_taken_meanwhile_moves(cluster: LocalSlurm,
     finally:
         other.down()
     assert cluster.status()["up"] and cluster.status()["ports"] == taken
+
+
+def test_a_lost_pid_file_is_refused_not_doubled(cluster: LocalSlurm, tmp_path: Path) -> None:
+    """Moving ports while our own controller still runs (its pid file lost) would start a
+    second controller on the same state: refused, naming the process."""
+    taken = cluster.status()["ports"]
+    other = LocalSlurm(tmp_path / "c5")
+    other.layout.root.mkdir(parents=True)
+    other._save_settings(other.settings().model_copy(update={  # noqa: SLF001
+        "ctld_port": taken["slurmctld"], "slurmd_port": taken["slurmd"]}))
+    # A process that looks like c5's slurmctld: named slurmctld, its config on the command line.
+    fake = tmp_path / "bin" / "slurmctld"
+    fake.parent.mkdir()
+    shutil.copy("/bin/sh", fake)
+    stray = subprocess.Popen([str(fake), "-c", "sleep 60", str(other.layout.conf)])
+    try:
+        with pytest.raises(LocalSlurmError, match=f"runs as pid {stray.pid} but"):
+            other.up(install_missing=False, timeout=30)
+        assert other.pid("slurmctld") is None and other.pid("slurmd") is None
+    finally:
+        stray.kill()
+        stray.wait()
+        other.down()
 
 
 # --------------------------------------------------------------------------- mapping, polling
