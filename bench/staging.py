@@ -29,6 +29,8 @@ import venv
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -71,21 +73,6 @@ def make_data(root: Path, big_mib: int, small_count: int, small_kib: int) -> Non
         (d / f"f{i:06d}.bin").write_bytes(os.urandom(small_kib << 10))
 
 
-def _children_map() -> dict[int, list[int]]:
-    """ppid -> pids, from /proc/*/stat (``/proc/PID/task/*/children`` is not always built)."""
-    out: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        out.setdefault(ppid, []).append(int(d.name))
-    return out
-
-
 def _hwm_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -109,14 +96,13 @@ class PeakMemory(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            todo, seen, children = [self.pid], set(), _children_map()
-            while todo:
-                p = todo.pop()
-                if p in seen:
-                    continue
-                seen.add(p)
+            try:
+                tree = [self.pid, *(c.pid for c in psutil.Process(self.pid).children(
+                    recursive=True))]
+            except psutil.NoSuchProcess:
+                tree = []
+            for p in tree:
                 self.peaks[p] = max(self.peaks.get(p, 0), _hwm_kib(p))
-                todo.extend(children.get(p, []))
             self.done.wait(0.02)
 
     @property

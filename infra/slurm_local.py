@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 import typer
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
@@ -176,30 +177,31 @@ def _run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 
 
 def _alive(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        # A daemon reparented to a PID 1 that does not reap leaves a zombie behind: that is dead.
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    # A daemon reparented to a PID 1 that does not reap leaves a zombie behind: that is dead.
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _is_ours(proc: psutil.Process, daemon: str, marker: str) -> bool:
+    try:
+        return (proc.name() == daemon and marker in " ".join(proc.cmdline())
+                and proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD))
+    except psutil.Error:
+        return False
 
 
 def _ours(pid: int, daemon: str, marker: str) -> bool:
     try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
+        return _is_ours(psutil.Process(pid), daemon, marker)
+    except psutil.Error:
         return False
-    return comm == daemon and marker in cmdline and _alive(pid)
 
 
 def _orphans(daemon: str, marker: str, known: int | None) -> list[int]:
     """Our daemon's processes that its pid file does not name (a lost or stale pid file)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != known and _ours(int(entry.name), daemon,
-                                                                         marker):
-            found.append(int(entry.name))
-    return found
+    return [proc.pid for proc in psutil.process_iter()
+            if proc.pid != known and _is_ours(proc, daemon, marker)]
 
 
 def _tail(path: Path, chars: int = 1500) -> str:

@@ -281,7 +281,7 @@ class Stager:
 
     def digest(self, loc: Location) -> str:
         """The manifest digest of a source: what the Prefect cache key is made of."""
-        return listing_digest((e.rel, e.size, e.tag) for e in self.list_source(loc))
+        return _entries_digest(self.list_source(loc))
 
     def current_digest(self, src: str | Location, dst: str | Location) -> tuple[str, bool]:
         """The source's manifest digest, and whether ``dst`` provably still holds exactly it.
@@ -293,7 +293,7 @@ class Stager:
         s = parse_location(src) if isinstance(src, str) else src
         d = parse_location(dst) if isinstance(dst, str) else dst
         entries = self.list_source(s)
-        digest = listing_digest((e.rel, e.size, e.tag) for e in entries)
+        digest = _entries_digest(entries)
         cache = self._cache(s, d)
         if cache is None:
             return digest, False
@@ -337,6 +337,14 @@ class Stager:
         path = cache_path(self.cache_dir, self.aws.endpoint_url, s.uri, d.uri)
         return ManifestCache(path, s.uri, d.uri)
 
+    def _begin(self, s: Location, d: Location) -> tuple[list[Entry], StageReport]:
+        """The source's entries (refused if empty) and a report that counts them."""
+        entries = self.list_source(s)
+        self._refuse_empty(entries, s)
+        return entries, StageReport(src=s.uri, dst=d.uri, files=len(entries),
+                                    bytes_total=sum(e.size for e in entries),
+                                    manifest_digest=_entries_digest(entries))
+
     def _refuse_empty(self, entries: list[Entry], s: Location) -> None:
         if not entries and not self.options.allow_empty:
             raise StageError(
@@ -346,12 +354,7 @@ class Stager:
 
     # ------------------------------------------------------------------ S3 -> local
     def _download_tree(self, s: S3Location, d: LocalLocation) -> StageReport:
-        entries = self.list_source(s)
-        self._refuse_empty(entries, s)
-        report = StageReport(src=s.uri, dst=d.uri, files=len(entries),
-                             bytes_total=sum(e.size for e in entries),
-                             manifest_digest=listing_digest((e.rel, e.size, e.tag)
-                                                            for e in entries))
+        entries, report = self._begin(s, d)
         root = DestinationRoot(d.root)
         root.prepare()
         cache = self._cache(s, d)
@@ -514,12 +517,7 @@ class Stager:
     def _upload_tree(self, s: LocalLocation, d: S3Location) -> StageReport:
         if not s.root.is_dir():
             raise StageError(f"{s.root} is not a directory (stage a folder, not a file)")
-        entries = self.list_source(s)
-        self._refuse_empty(entries, s)
-        report = StageReport(src=s.uri, dst=d.uri, files=len(entries),
-                             bytes_total=sum(e.size for e in entries),
-                             manifest_digest=listing_digest((e.rel, e.size, e.tag)
-                                                            for e in entries))
+        entries, report = self._begin(s, d)
         remote = {e.rel: e for e in self._list_s3(d, check=False)}
         cache = self._cache(s, d)
         old = cache.load() if cache else {}
@@ -721,6 +719,10 @@ class _Run:
             if self.cache:
                 self.cache.close(self.records, self.report.manifest_digest if ok else None)
         self.report.records = self.records
+
+
+def _entries_digest(entries: list[Entry]) -> str:
+    return listing_digest((e.rel, e.size, e.tag) for e in entries)
 
 
 def _check_fields(hasher: MultiHasher) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,19 +89,10 @@ def kernel_lines(stderr: str, prog: str) -> list[str]:
 
 def rank_pids(launcher_pid: int) -> list[int]:
     """Processes whose parent is the launcher: the ranks (Open MPI 5 forks them directly)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may contain spaces; fields after the closing paren are fixed.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == launcher_pid:
-            pids.append(int(entry.name))
-    return sorted(pids)
+    try:
+        return sorted(child.pid for child in psutil.Process(launcher_pid).children())
+    except psutil.NoSuchProcess:
+        return []
 
 
 def newest_checkpoint_step(directory: Path, kernel: str) -> int:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from infra.slurm_local import LocalSlurm
@@ -26,16 +27,8 @@ def local_slurm() -> LocalSlurm:
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmd:
-                found.append(cmd)
-    return found
+    commands = (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    return [cmd for cmd in commands if text in cmd]
 
 
 @pytest.mark.parametrize("design", ["standby", "asg"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from infra.launchers import MpiexecLauncher, SrunLauncher, python_module
@@ -52,16 +53,8 @@ def provider(cluster: LocalSlurm) -> SlurmProvider:
 
 def _processes_with(marker: str) -> list[int]:
     """Pids whose command line contains ``marker`` (a per-test path): the job's ranks."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in cmdline:
-                found.append(int(entry.name))
-    return found
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or [])]
 
 
 def _heat_job(provider: SlurmProvider, tmp_path: Path, launcher: object, *, steps: int,
