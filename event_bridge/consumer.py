@@ -11,8 +11,8 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
 
+from event_bridge.s3_events import NotAnS3Event, parse_s3_events
 from infra.aws import AwsTarget
 from infra.staging import object_sha256, streamed_sha256
 
@@ -48,18 +48,14 @@ class QueueReport:
 def parse_event(body: str) -> ManifestEvent:
     """Accept the EventBridge event, raw or wrapped in an SNS envelope (non-raw delivery)."""
     try:
-        doc = json.loads(body)
-        if isinstance(doc, dict) and doc.get("Type") == "Notification" and "Message" in doc:
-            doc = json.loads(doc["Message"])
-        detail = doc["detail"]
-        return ManifestEvent(
-            event_id=str(doc["id"]),
-            bucket=str(detail["bucket"]["name"]),
-            # S3 URL-encodes keys in event payloads (spaces as '+').
-            key=unquote_plus(str(detail["object"]["key"])),
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise PoisonMessage(f"not an S3 Object Created event: {type(e).__name__}: {e}") from None
+        events = parse_s3_events(body)
+    except NotAnS3Event as e:
+        raise PoisonMessage(f"not an S3 Object Created event: {e}") from None
+    if len(events) != 1 or events[0].event_id is None:
+        raise PoisonMessage("not an S3 Object Created event: expected one EventBridge event "
+                            f"with an id, got {len(events)} S3 event(s)")
+    event = events[0]
+    return ManifestEvent(event_id=event.event_id, bucket=event.bucket, key=event.key)
 
 
 def verify_manifest(aws: AwsTarget, event: ManifestEvent) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def test_poison_message_is_skipped_not_acknowledged(aws, topo, tmp_path):
 
 
 def test_parse_event_decodes_keys_and_sns_envelopes():
-    event = {"id": "e1", "detail": {"bucket": {"name": "b"},
+    event = {"id": "e1", "source": "aws.s3", "detail": {"bucket": {"name": "b"},
                                     "object": {"key": "runs/a+b%2Fc/manifest.json"}}}
     assert parse_event(json.dumps(event)).key == "runs/a b/c/manifest.json"
     envelope = {"Type": "Notification", "Message": json.dumps(event)}
