@@ -15,6 +15,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from event_bridge.s3_events import unwrap_sns
 from infra.aws import AwsTarget
 
 SOURCE = "clusterflow.pipeline"
@@ -51,9 +52,7 @@ def publish_run_event(aws: AwsTarget, topic_arn: str, run_id: str, stage: str,
 
 def parse_run_event(body: str) -> dict[str, Any]:
     try:
-        doc = json.loads(body)
-        if doc.get("Type") == "Notification":
-            doc = json.loads(doc["Message"])
+        doc = unwrap_sns(json.loads(body))
         if doc["source"] != SOURCE or doc["detail-type"] != DETAIL_TYPE:
             raise BadRunEvent(f"not a run event: source {doc['source']!r}")
         detail = doc["detail"]
