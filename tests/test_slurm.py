@@ -286,15 +286,21 @@ def test_second_cluster_with_its_own_state_save_location(cluster: LocalSlurm,
     assert cluster.status()["up"]  # the default cluster was not touched
 
 
+def _recorded_with_ports(state_dir: Path, ports: dict[str, int]) -> LocalSlurm:
+    """A not yet started cluster whose recorded settings name ``ports``."""
+    cluster = LocalSlurm(state_dir)
+    cluster.layout.root.mkdir(parents=True)
+    cluster._save_settings(cluster.settings().model_copy(update={  # noqa: SLF001
+        "ctld_port": ports["slurmctld"], "slurmd_port": ports["slurmd"]}))
+    return cluster
+
+
 def test_a_cluster_whose_ports_were_taken_meanwhile_moves(cluster: LocalSlurm,
                                                           tmp_path: Path) -> None:
     """Two state dirs set up while neither ran both got Slurm's default ports; the second to
     come up must move, not die on slurmd's "Address already in use"."""
     taken = cluster.status()["ports"]
-    other = LocalSlurm(tmp_path / "c3")
-    other.layout.root.mkdir(parents=True)
-    other._save_settings(other.settings().model_copy(update={  # noqa: SLF001
-        "ctld_port": taken["slurmctld"], "slurmd_port": taken["slurmd"]}))
+    other = _recorded_with_ports(tmp_path / "c3", taken)
     try:
         done = other.up(install_missing=False, timeout=60)
         assert done["ports_moved_from"] == [taken["slurmctld"], taken["slurmd"]]
@@ -312,10 +318,7 @@ def test_a_lost_pid_file_is_refused_not_doubled(cluster: LocalSlurm, tmp_path: P
     """Moving ports while our own controller still runs (its pid file lost) would start a
     second controller on the same state: refused, naming the process."""
     taken = cluster.status()["ports"]
-    other = LocalSlurm(tmp_path / "c5")
-    other.layout.root.mkdir(parents=True)
-    other._save_settings(other.settings().model_copy(update={  # noqa: SLF001
-        "ctld_port": taken["slurmctld"], "slurmd_port": taken["slurmd"]}))
+    other = _recorded_with_ports(tmp_path / "c5", taken)
     # A process that looks like c5's slurmctld: named slurmctld, its config on the command line.
     fake = tmp_path / "bin" / "slurmctld"
     fake.parent.mkdir()
