@@ -27,7 +27,7 @@ lint: venv
 # A real single-node Slurm for the slurm backend: installs Debian's slurm-wlm when root and
 # missing, writes a config under .clusterflow/slurm, starts munge/slurmctld/slurmd. Idempotent.
 slurm: venv
-	$(BIN)/python -m infra.slurm_local up
+	$(BIN)/python -m infra.clusters.slurm_local up
 
 test: venv lint slurm
 	$(BIN)/python -m pytest -q

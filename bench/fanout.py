@@ -1,6 +1,6 @@
 """Fan-out benchmark: SNS -> 2 SQS queues -> consumers, batched vs one at a time, and latency.
 
-One moto server (``infra.embedded_aws``, with clusterflow's extensions), one run:
+One moto server (``infra.aws.embedded``, with clusterflow's extensions), one run:
 
 * throughput: a producer publishes N messages to an SNS topic (PublishBatch, 10 a call) that
   fans out to 2 queues; one consumer per queue (``event_bridge.runtime.SqsEventSource``, the
@@ -51,8 +51,8 @@ from event_bridge.fabric import (  # noqa: E402
 )
 from event_bridge.runtime import SqsEventSource  # noqa: E402
 from event_bridge.s3_events import parse_s3_events  # noqa: E402
-from infra.aws import AwsTarget  # noqa: E402
-from infra.embedded_aws import MotoServer  # noqa: E402
+from infra.aws.clients import AwsTarget  # noqa: E402
+from infra.aws.embedded import MotoServer  # noqa: E402
 
 
 def _fabric(tag: str, bucket: str | None = None) -> Fabric:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "batched_over_one_at_a_time": round(
                 batched["deliveries_per_s"] / single["deliveries_per_s"], 2)}
     result = {
-        "endpoint": "embedded moto server (infra.embedded_aws.MotoServer)",
+        "endpoint": "embedded moto server (infra.aws.embedded.MotoServer)",
         "fanout": {"queues": 2},
         "throughput": throughput_out,
         "latency_s3_put_to_consumer": lat,

@@ -36,10 +36,10 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from infra.launchers import MpiexecLauncher, SrunLauncher  # noqa: E402
-from infra.providers.base import ExecutionProvider, JobHandle  # noqa: E402
-from infra.providers.local import LocalProvider  # noqa: E402
-from infra.providers.slurm import SlurmProvider  # noqa: E402
+from infra.backends.launchers import MpiexecLauncher, SrunLauncher  # noqa: E402
+from infra.backends.providers.base import ExecutionProvider, JobHandle  # noqa: E402
+from infra.backends.providers.local import LocalProvider  # noqa: E402
+from infra.backends.providers.slurm import SlurmProvider  # noqa: E402
 
 METRICS = ("submit_call", "submit_to_running", "finished_to_observed", "submit_to_observed")
 HEADERS = {"submit_call": "submit call", "submit_to_running": "submit->running",

@@ -1,6 +1,6 @@
 """Staging benchmark: clusterflow's stager vs ``aws s3 sync`` vs ``s5cmd``, side by side.
 
-Same data, same endpoint (one moto server from ``infra.embedded_aws``), one run:
+Same data, same endpoint (one moto server from ``infra.aws.embedded``), one run:
 
 * datasets: one big file (default 1 GiB) and many small ones (default 10,000 x 64 KiB);
 * directions: up (local -> fresh prefix) and down (one shared source prefix -> fresh folder);
@@ -34,8 +34,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from infra.aws import AwsTarget  # noqa: E402
-from infra.embedded_aws import MotoServer  # noqa: E402
+from infra.aws.clients import AwsTarget  # noqa: E402
+from infra.aws.embedded import MotoServer  # noqa: E402
 
 BENCH = REPO / "bench"
 TOOLS = ("clusterflow", "awscli", "s5cmd")
@@ -134,7 +134,7 @@ def timed(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 def command(tool: str, exe: Path | None, src: str, dst: str, url: str, concurrency: int,
             ) -> list[str]:
     if tool == "clusterflow":
-        return [sys.executable, "-m", "infra.stage_cli", "stage", src, dst, "--json",
+        return [sys.executable, "-m", "infra.staging.cli", "stage", src, dst, "--json",
                 "--concurrency", str(concurrency)]
     if tool == "awscli":
         return [str(exe), "--endpoint-url", url, "s3", "sync", "--only-show-errors", src, dst]

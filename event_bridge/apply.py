@@ -20,7 +20,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from event_bridge.fabric import ArchiveSpec, BucketSpec, Fabric, QueueSpec, RuleSpec, TopicSpec
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 MISSING_QUEUE = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 

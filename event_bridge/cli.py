@@ -26,7 +26,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
-from infra.aws import AwsConfigError, AwsTarget
+from infra.aws.clients import AwsConfigError, AwsTarget
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The event fabric: S3 -> EventBridge -> SNS -> SQS and its consumers.")
@@ -66,7 +66,7 @@ def _region(fabric: Fabric | None, region: str | None) -> str:
 
 @contextlib.contextmanager
 def _target(mode: str, region: str) -> Iterator[AwsTarget]:
-    from infra.embedded_aws import aws_target, recorded_server
+    from infra.aws.embedded import aws_target, recorded_server
 
     if mode not in ("embedded", "real"):
         raise _fail(f"--aws must be 'embedded' or 'real', not {mode!r}", 2)

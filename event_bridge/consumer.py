@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from event_bridge.s3_events import NotAnS3Event, parse_s3_events
-from infra.aws import AwsTarget
-from infra.staging import object_sha256, streamed_sha256
+from infra.aws.clients import AwsTarget
+from infra.staging.objects import object_sha256, streamed_sha256
 
 
 class PoisonMessage(ValueError):

@@ -18,7 +18,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from event_bridge.runtime import QueueInfo
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 UNIMPLEMENTED_CODES = {"500", "501", "NotImplemented", "NotImplementedError", "InternalFailure",
                        "InternalError"}

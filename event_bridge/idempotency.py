@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from botocore.exceptions import ClientError
 
 from event_bridge.apply import ensure_dedup_table
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 Handler = Callable[[dict[str, Any], Any], "dict[str, Any] | None"]
 

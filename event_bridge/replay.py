@@ -6,7 +6,7 @@ replay because they are idempotent (the dedup store): events they already proces
 acknowledged without running again, events they missed are processed.
 
 moto 5.2.5 ignores the window and the rule filter; the embedded endpoint's extension
-(``infra.moto_extensions``) makes it honour both, as AWS does.
+(``infra.aws.moto_gaps.fanout``) makes it honour both, as AWS does.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from event_bridge.fabric import Fabric
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from event_bridge.s3_events import unwrap_sns
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 SOURCE = "clusterflow.pipeline"
 DETAIL_TYPE = "Run Stage Reached"

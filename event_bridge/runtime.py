@@ -38,7 +38,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from event_bridge.lambda_shapes import Handler, failed_ids, new_context, sqs_record
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)
 

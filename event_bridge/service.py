@@ -18,7 +18,7 @@ from event_bridge.apply import resolve_fabric
 from event_bridge.fabric import ConsumerSpec, Fabric
 from event_bridge.runtime import Backoff, SqsEventSource, load_handler, run_parallel
 from event_bridge.sns_invoker import SnsInvoker
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from event_bridge.apply import find_topic, queue_url_or_none
 from event_bridge.fabric import Fabric
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 
 def _queue(sqs: Any, name: str) -> dict[str, Any] | None:

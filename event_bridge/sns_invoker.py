@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from event_bridge.lambda_shapes import Handler, new_context, on_failure_record, sns_event
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)
 

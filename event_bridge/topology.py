@@ -19,7 +19,7 @@ from event_bridge.fabric import (
     TargetSpec,
     TopicSpec,
 )
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 
 
 @dataclass(frozen=True)

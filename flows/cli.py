@@ -62,7 +62,7 @@ def run(
         raise typer.Exit(2) from None
 
     from flows import prefect_runtime
-    from infra.embedded_aws import state_dir
+    from infra.aws.embedded import state_dir
 
     prefect_runtime.configure(state_dir())
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -88,10 +88,10 @@ def _mount() -> None:
     from event_bridge.cli import app as events_app
     from flows.local_cli import local_app
     from flows.local_cli import register as register_deploy
-    from infra.cluster_cli import register as register_validate
+    from infra.clusters.slurm_local import app as slurm_app
+    from infra.clusters.validate_cli import register as register_validate
     from infra.ha.cli import ha_app
-    from infra.slurm_local import app as slurm_app
-    from infra.stage_cli import register as register_stage
+    from infra.staging.cli import register as register_stage
 
     register_validate(app)  # clusterflow validate FILE...
     register_stage(app)  # clusterflow stage SRC DST

@@ -31,7 +31,7 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object.")
 
 
 def _home() -> Path:
-    from infra.embedded_aws import state_dir
+    from infra.aws.embedded import state_dir
 
     return state_dir()
 

@@ -42,8 +42,8 @@ from pydantic import BaseModel
 from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
 from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
 from flows.spec import DEFAULT_SPEC, load_spec
-from infra.aws import AwsTarget
-from infra.embedded_aws import MotoServer, _free_port
+from infra.aws.clients import AwsTarget
+from infra.aws.embedded import MotoServer, _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "prefect.yaml"
@@ -445,7 +445,7 @@ def status(home: Path) -> dict[str, Any]:
         if name == "prefect-server" and proc is not None and c.url:
             info["healthy"] = _healthy(f"{c.url}/health", timeout=5.0, attempts=2)
         if name == "moto" and proc is not None and c.url:
-            from infra.embedded_aws import _answers
+            from infra.aws.embedded import _answers
 
             info["healthy"] = _answers(c.url or "", attempts=2, timeout=5.0)
         components[name] = info

@@ -28,13 +28,13 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
-from infra.aws import AwsTarget
-from infra.embedded_aws import aws_target
-from infra.launchers import python_module
-from infra.providers.base import ExecutionProvider, JobState, JobStatus
-from infra.providers.local import LocalProvider
-from infra.providers.polling import Backoff, wait
-from infra.staging import IntegrityError, Transferred, download, exists, upload
+from infra.aws.clients import AwsTarget
+from infra.aws.embedded import aws_target
+from infra.backends.launchers import python_module
+from infra.backends.providers.base import ExecutionProvider, JobState, JobStatus
+from infra.backends.providers.local import LocalProvider
+from infra.backends.providers.polling import Backoff, wait
+from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 
 MANIFEST = "manifest.json"
 
@@ -158,7 +158,7 @@ def _rank_error(stderr: str) -> str:
 
 
 def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
-    from infra.providers.slurm import SlurmProvider
+    from infra.backends.providers.slurm import SlurmProvider
 
     o = spec.slurm
     return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
@@ -177,12 +177,12 @@ def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[Ex
     elif spec.backend == "slurm":
         yield slurm_provider(spec)
     elif spec.backend == "parallelcluster":
-        from infra.backends import parallelcluster_backend
+        from infra.backends.settings import parallelcluster_backend
 
         with parallelcluster_backend(spec.parallelcluster, aws, progress=logger.info) as p:
             yield p
     else:
-        from infra.backends import batch_backend
+        from infra.backends.settings import batch_backend
 
         with batch_backend(spec.batch, aws, progress=logger.info) as p:
             yield p

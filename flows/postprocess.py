@@ -19,9 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.spec import DEFAULT_SPEC, load_spec
-from infra.aws import AwsTarget
-from infra.embedded_aws import aws_target
-from infra.staging import IntegrityError, download, upload
+from infra.aws.clients import AwsTarget
+from infra.aws.embedded import aws_target
+from infra.staging.objects import IntegrityError, download, upload
 
 FIELD = "field.npy"
 SUMMARY = "summary.json"

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from infra.backends import BatchSettings, ParallelClusterSettings
+from infra.backends.settings import BatchSettings, ParallelClusterSettings
 from infra.yaml_models import load_yaml_model
 from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo, KmerParameters, VarParameters
 
@@ -98,7 +98,7 @@ class SlurmOptions(_Strict):
     @field_validator("time_limit")
     @classmethod
     def _time(cls, v: str | None) -> str | None:
-        from infra.providers.slurm import valid_time_limit
+        from infra.backends.providers.slurm import valid_time_limit
 
         if v is not None and not valid_time_limit(v):
             raise ValueError(f"{v!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")

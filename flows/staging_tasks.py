@@ -21,14 +21,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
-from infra.aws import AwsTarget
-from infra.stager import StageOptions, Stager
+from infra.aws.clients import AwsTarget
+from infra.staging.stager import StageOptions, Stager
 
 
 def _cache_dir(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir)
-    from infra.embedded_aws import state_dir
+    from infra.aws.embedded import state_dir
 
     return state_dir() / "stage-cache"
 
@@ -39,7 +39,7 @@ def input_manifest_digest(aws: AwsTarget, src: str) -> str:
 
 
 def _parse(text: str) -> Any:
-    from infra.stage_locations import parse_location
+    from infra.staging.locations import parse_location
 
     return parse_location(text)
 

@@ -1,0 +1,6 @@
+"""Everything below the flows: AWS access, data staging, backends, clusters, head-node HA.
+
+One package per job (``aws``, ``staging``, ``backends``, ``clusters``, ``ha``); ``iam/`` holds
+policy documents and ``yaml_models`` the YAML-to-pydantic loader shared by specs and configs.
+Nothing in ``infra`` imports ``flows`` or ``event_bridge``.
+"""

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
-from infra.aws import AwsTarget
-from infra.embedded_aws import MotoServer, _free_port
+from infra.aws.clients import AwsTarget
+from infra.aws.embedded import MotoServer, _free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

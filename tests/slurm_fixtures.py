@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.slurm_local import LocalSlurm
+from infra.clusters.slurm_local import LocalSlurm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +30,14 @@ def state_dir() -> Path:
 
 
 def run_up(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m infra.slurm_local up`` exactly as ``make slurm`` runs it."""
-    return subprocess.run([sys.executable, "-m", "infra.slurm_local", "up", *args], cwd=REPO,
+    """``python -m infra.clusters.slurm_local up`` exactly as ``make slurm`` runs it."""
+    return subprocess.run([sys.executable, "-m", "infra.clusters.slurm_local", "up", *args],
+                          cwd=REPO,
                           capture_output=True, text=True, timeout=900)
 
 
 def ensure_local_slurm() -> LocalSlurm:
     """Install (as root, if missing) and start the local Slurm; fail loudly, never skip."""
     proc = run_up("--state-dir", str(state_dir()))
-    assert proc.returncode == 0, f"`python -m infra.slurm_local up` failed:\n{proc.stderr}"
+    assert proc.returncode == 0, f"`python -m infra.clusters.slurm_local up` failed:\n{proc.stderr}"
     return LocalSlurm(state_dir())

@@ -81,9 +81,9 @@ def drill(
 
     from rich.logging import RichHandler
 
-    from infra.embedded_aws import aws_target
+    from infra.aws.embedded import aws_target
+    from infra.clusters.slurm_local import LocalSlurmError
     from infra.ha.drill import DrillError, DrillOptions, run_drill
-    from infra.slurm_local import LocalSlurmError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err, show_path=False)])

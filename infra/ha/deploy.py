@@ -27,7 +27,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 from pydantic import BaseModel
 
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 from infra.ha import head_boot as hb
 from infra.ha.config import HaConfig
 from infra.ha.handlers import SETTINGS_ENV
@@ -35,8 +35,8 @@ from infra.ha.iam import account_id, ensure_roles
 from infra.ha.user_data import render_user_data, user_data_b64
 
 REPO = Path(__file__).resolve().parent.parent.parent
-LAMBDA_FILES = ("infra/__init__.py", "infra/aws.py", "infra/ha/__init__.py",
-                "infra/ha/handlers.py", "infra/ha/head_boot.py")
+LAMBDA_FILES = ("infra/__init__.py", "infra/aws/__init__.py", "infra/aws/clients.py",
+                "infra/ha/__init__.py", "infra/ha/handlers.py", "infra/ha/head_boot.py")
 LAMBDA_RUNTIME = "python3.12"
 HANDLERS = {"recovery": "infra.ha.handlers.recovery_handler",
             "terminate": "infra.ha.handlers.terminate_hook_handler",
@@ -163,7 +163,7 @@ def image_id(target: AwsTarget, cfg: HaConfig) -> str:
 
 
 def lambda_zip() -> bytes:
-    """The handler package: the handlers, the boot logic they share, and ``infra.aws``."""
+    """The handler package: the handlers, the boot logic they share, and ``infra.aws.clients``."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for rel in LAMBDA_FILES:

@@ -5,7 +5,7 @@ One run, for one design:
 1. deploy the design against the endpoint (``infra.ha.deploy``) for a throw-away cluster name;
 2. boot the first head: ``head_boot.boot`` claims the EIP and creates/mounts the shared volume
    (``infra.ha.local_ebs`` gives the EBS records their bytes);
-3. start a real Slurm (``infra.slurm_local``, its own state dir, munged and ports) whose
+3. start a real Slurm (``infra.clusters.slurm_local``, its own state dir, munged and ports) whose
    ``StateSaveLocation`` is on the shared volume; the job scripts live there too;
 4. submit jobs that take a few seconds, more than the node runs at once, so some are queued;
    wait until slurmctld has saved them (it saves asynchronously, within ~5 s);
@@ -39,12 +39,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
+from infra.clusters.slurm_local import LocalSlurm, LocalSlurmError
 from infra.ha import head_boot as hb
 from infra.ha.config import HaConfig
 from infra.ha.deploy import Deployment, deploy
 from infra.ha.local_ebs import LocalEbs
-from infra.slurm_local import LocalSlurm, LocalSlurmError
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY"}

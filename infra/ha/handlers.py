@@ -37,7 +37,7 @@ def _target(context: Any) -> Any:
     target = getattr(context, "aws_target", None)
     if target is not None:
         return target
-    from infra.aws import AwsTarget  # boto3 only: safe inside the Lambda runtime
+    from infra.aws.clients import AwsTarget  # boto3 only: safe inside the Lambda runtime
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region:

@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from infra.aws import AwsTarget
+from infra.aws.clients import AwsTarget
 from infra.ha.config import HaConfig
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "iam"

@@ -1,0 +1,202 @@
+"""The ParallelCluster provider: ``sbatch`` on the head node through SSM Run Command.
+
+``submit`` writes a batch script into ``<remote_root>/<run dir name>/`` on the cluster's
+shared storage (FSx for Lustre in the shipped configs, so every compute node sees it) and
+submits it with ``sbatch --parsable`` as ``run_as`` (ParallelCluster's default user), in the
+queue ``partition``. The script records its exit code in ``<job>.exitcode`` on exit, which
+outlives Slurm's memory of finished jobs (``MinJobAge``) and marks the cluster's last
+activity for the idle teardown.
+
+``status`` runs one small script per poll: the exit-code file, ``scontrol show job -o``, and
+the next chunk (base64) of the job's stdout/stderr, which it appends to the local mirror
+files of the ``JobHandle`` so the pipeline forwards them to the Prefect log as for any other
+provider. ``cancel`` is ``scancel``. The launcher is ``srun --mpi=pmix`` (ParallelCluster's
+Slurm is built with PMIx) with the cluster's interpreter in place of this machine's.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
+from infra.backends.providers.remote import append, mirror_paths, remote_argv
+from infra.backends.remote_shell import RemoteCommandError, RemoteShell, run_checked
+from infra.clusters.parallelcluster import SLURM_PATH, sections
+
+CHUNK = 7000  # bytes per stream per poll: two base64 chunks stay under SSM's 24,000 chars
+SCONTROL_STATES = {
+    "PENDING": JobState.PENDING, "CONFIGURING": JobState.PENDING, "REQUEUED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING, "RESV_DEL_HOLD": JobState.PENDING,
+    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING, "SIGNALING": JobState.RUNNING, "RESIZING": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED, "CANCELLED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED, "TIMEOUT": JobState.FAILED, "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED, "BOOT_FAIL": JobState.FAILED, "DEADLINE": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class SrunLauncher:
+    python: str = "python3"
+    mpi: str = "pmix"
+
+    def command(self, ranks: int, argv: list[str]) -> list[str]:
+        return ["srun", f"--mpi={self.mpi}", "-n", str(ranks), *remote_argv(argv, self.python)]
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    job_id: str
+    directory: str
+    name: str
+    offsets: dict[str, int] = field(default_factory=lambda: {"out": 0, "err": 0})
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """``scontrol show job -o ID`` -> its key=value fields (values without spaces suffice)."""
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def status_from(exit_text: str, scontrol_text: str) -> JobStatus:
+    """Combine the job's exit-code file and scontrol's view into one status."""
+    fields = parse_scontrol(scontrol_text)
+    raw_state = fields.get("JobState", "")
+    state = SCONTROL_STATES.get(raw_state)
+    exit_code = int(exit_text.strip()) if exit_text.strip().lstrip("-").isdigit() else None
+    if state is JobState.CANCELLED:
+        return JobStatus(JobState.CANCELLED, exit_code, f"Slurm: {raw_state}")
+    if state is not None and state.terminal:
+        code = exit_code
+        if code is None and ":" in fields.get("ExitCode", ""):
+            code = int(fields["ExitCode"].split(":")[0])
+        if state is JobState.COMPLETED and code:
+            state = JobState.FAILED
+        reason = fields.get("Reason", "")
+        detail = f"Slurm: {raw_state}" + (f" ({reason})" if reason not in ("", "None") else "")
+        return JobStatus(state, code, detail + (f", exit code {code}" if code else ""))
+    if exit_code is not None:  # the batch script has ended; Slurm may still be completing
+        if exit_code == 0:
+            return JobStatus(JobState.COMPLETED, 0, "exit code 0")
+        return JobStatus(JobState.FAILED, exit_code, f"exit code {exit_code}")
+    if state is not None:
+        return JobStatus(state, None, f"Slurm: {raw_state}")
+    return JobStatus(JobState.FAILED, None,
+                     "the job is gone from Slurm and left no exit code (node failure, or the "
+                     f"controller forgot it): {scontrol_text.strip()[:300]}")
+
+
+@dataclass
+class ParallelClusterProvider(ExecutionProvider):
+    shell: RemoteShell
+    remote_root: str = "/fsx/clusterflow"
+    partition: str | None = None
+    run_as: str | None = "ec2-user"
+    python: str = "python3"
+    mpi: str = "pmix"
+    sbatch_args: list[str] = field(default_factory=list)
+    label: str = "parallelcluster"
+    _jobs: dict[str, RemoteJob] = field(default_factory=dict, init=False)
+
+    def launcher(self) -> SrunLauncher:
+        return SrunLauncher(python=self.python, mpi=self.mpi)
+
+    def _as_user(self, command: str) -> str:
+        if not self.run_as:
+            return command
+        return f"sudo -iu {shlex.quote(self.run_as)} bash -c {shlex.quote(command)}"
+
+    def batch_script(self, command: list[str], *, ranks: int, job_name: str, directory: str,
+                     env: dict[str, str] | None) -> str:
+        q = shlex.quote
+        lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={ranks}",
+                 f"#SBATCH --output={directory}/{job_name}.out",
+                 f"#SBATCH --error={directory}/{job_name}.err",
+                 f"#SBATCH --chdir={directory}"]
+        if self.partition:
+            lines.append(f"#SBATCH --partition={self.partition}")
+        lines += [f"#SBATCH {a}" for a in self.sbatch_args]
+        exitcode = f"{directory}/{job_name}.exitcode"
+        lines.append(f"trap 'rc=$?; echo $rc > {exitcode}.tmp && mv {exitcode}.tmp {exitcode}'"
+                     " EXIT")
+        lines += [f"export {k}={q(v)}" for k, v in sorted((env or {}).items())]
+        lines.append(" ".join(q(c) for c in command))
+        return "\n".join(lines) + "\n"
+
+    def submit_script(self, batch_script: str, *, directory: str, job_name: str) -> str:
+        path = f"{directory}/{job_name}.sbatch"
+        owner = (f"chown -R {shlex.quote(self.run_as)} {shlex.quote(directory)}"
+                 if self.run_as else "true")
+        return "\n".join([
+            "set -euo pipefail",
+            SLURM_PATH,
+            f"mkdir -p {shlex.quote(directory)}",
+            f"rm -f {shlex.quote(directory)}/{job_name}.exitcode",
+            f"cat > {shlex.quote(path)} <<'CLUSTERFLOW_SBATCH'",
+            batch_script.rstrip("\n"),
+            "CLUSTERFLOW_SBATCH",
+            owner,
+            self._as_user(f"{SLURM_PATH}; sbatch --parsable {shlex.quote(path)}"),
+        ])
+
+    def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
+               env: dict[str, str] | None = None) -> JobHandle:
+        if not _SAFE_NAME.match(job_name) or not _SAFE_NAME.match(workdir.name):
+            raise ValueError(f"job name {job_name!r} and run directory {workdir.name!r} must be "
+                             "letters, digits, '.', '_' or '-'")
+        directory = f"{self.remote_root.rstrip('/')}/{workdir.name}"
+        script = self.batch_script(command, ranks=ranks, job_name=job_name,
+                                   directory=directory, env=env)
+        result = run_checked(self.shell, self.submit_script(script, directory=directory,
+                                                            job_name=job_name),
+                             what=f"sbatch {job_name}")
+        lines = [ln for ln in result.stdout.strip().splitlines() if ln.strip()]
+        job_id = lines[-1].split(";")[0].strip() if lines else ""
+        if not job_id.isdigit():
+            raise RemoteCommandError(f"sbatch did not return a job id: {result.stdout!r}")
+        out, err = mirror_paths(workdir, job_name)
+        self._jobs[job_id] = RemoteJob(job_id, directory, job_name)
+        return JobHandle(job_id=job_id, stdout=out, stderr=err)
+
+    def status_script(self, job: RemoteJob) -> str:
+        d, n = shlex.quote(job.directory), job.name
+        lines = [SLURM_PATH, "echo '==exit=='", f"cat {d}/{n}.exitcode 2>/dev/null || true",
+                 "echo '==scontrol=='", f"scontrol show job -o {job.job_id} 2>&1 || true"]
+        for stream in ("out", "err"):
+            lines += [f"echo '=={stream}=='",
+                      f"tail -c +{job.offsets[stream] + 1} {d}/{n}.{stream} 2>/dev/null | "
+                      f"head -c {CHUNK} | base64 -w0; echo"]
+        return "\n".join(lines)
+
+    def _remote(self, job: JobHandle) -> RemoteJob:
+        try:
+            return self._jobs[job.job_id]
+        except KeyError:
+            raise ValueError(f"job {job.job_id} was not submitted by this provider") from None
+
+    def status(self, job: JobHandle) -> JobStatus:
+        remote = self._remote(job)
+        result = self.shell.run(self.status_script(remote), comment="clusterflow status")
+        if result.status != "Success":
+            raise RemoteCommandError(f"status of Slurm job {job.job_id} could not be read "
+                                     f"({result.status}): {result.stderr.strip()[-500:]}")
+        parts = sections(result.stdout)
+        for stream, path in (("out", job.stdout), ("err", job.stderr)):
+            data = base64.b64decode(parts.get(stream, "").strip() or b"")
+            append(path, data)
+            remote.offsets[stream] += len(data)
+        status = status_from(parts.get("exit", ""), parts.get("scontrol", ""))
+        if status.state.terminal and any(len(base64.b64decode(parts.get(s, "").strip() or b""))
+                                         == CHUNK for s in ("out", "err")):
+            # Output is still being fetched: report RUNNING until the mirrors are complete.
+            return JobStatus(JobState.RUNNING, None, "fetching output")
+        return status
+
+    def cancel(self, job: JobHandle) -> None:
+        run_checked(self.shell, f"{SLURM_PATH}\nscancel {shlex.quote(job.job_id)}",
+                    what=f"scancel {job.job_id}")
