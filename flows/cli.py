@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
@@ -42,6 +43,39 @@ def _summary(result: dict[str, Any]) -> None:
                   f"{r['verified']} verified")
 
 
+def _steps_summary(result: dict[str, Any]) -> None:
+    """One table row per point, so a 64-point sweep stays readable."""
+    out = Console(soft_wrap=True)
+    pts = result["points"]
+    ok = pts["total"] - pts["failed"]
+    colour = "green" if not pts["failed"] else "red"
+    out.print(f"[bold {colour}]run {escape(result['run_id'])} {result['state']}[/] "
+              f"({ok}/{pts['total']} points completed, {escape(result['aws'])})")
+    stages = Table("stage", "seconds", box=None)
+    for stage, secs in result["seconds"].items():
+        stages.add_row(stage, f"{secs:.2f}")
+    out.print(stages)
+    table = Table("step", "point", "state", "backend", "job", "seconds", "main output (sha256)",
+                  box=None)
+    for name, step in result["steps"].items():
+        for p in step["points"]:
+            first = p["outputs"][0] if p["outputs"] else None
+            main = f"{first['name']} {first['sha256'][:12]}" if first else p.get("error", "")
+            state = p["state"] if p.get("computed_by") in (None, result["run_id"]) \
+                else f"{p['state']} (from {p['computed_by']})"
+            style = "" if p["state"] in ("completed", "reused") else "red"
+            table.add_row(escape(name), escape(p["point"] or "-"), state,
+                          p.get("backend") or "-", p.get("job_id") or "-",
+                          f"{p['seconds']:.2f}" if p.get("seconds") is not None else "-",
+                          escape(main), style=style)
+    out.print(table)
+    out.print(f"manifest          {result['s3']['manifest']} sha256 {result['result_sha256']}")
+    out.print(f"scratch           {result['scratch_dir']}")
+    for q, r in result["fanout"]["queues"].items():
+        out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
+                  f"{r['verified']} verified")
+
+
 @app.command()
 def run(
     spec: Annotated[Path, typer.Option(help="Pipeline spec YAML.")] = DEFAULT_SPEC,
@@ -68,19 +102,28 @@ def run(
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.pipeline import hpc_pipeline
+    from flows.steps.flow import PipelineFailed
 
+    code = 0
     try:
         # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
                                   backend=backend)
+    except PipelineFailed as e:  # some points failed: the summary still says what happened
+        result, code = e.summary, 1
+        err.print(f"[red]error:[/] pipeline failed: {e}", markup=False, highlight=False)
     except Exception as e:  # the flow already logged the traceback through Prefect
         err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
+    elif "steps" in result:
+        _steps_summary(result)
     else:
         _summary(result)
+    if code:
+        raise typer.Exit(code)
 
 
 def _mount() -> None:

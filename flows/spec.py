@@ -12,9 +12,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flows.kernel_defaults import HeatDefaults, KmerDefaults, VarDefaults
+from flows.steps.graph import GraphError, Plan, build_plan
+from flows.steps.model import StepSpec
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
 from infra.yaml_models import load_yaml_model
-from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo, KmerParameters, VarParameters
+from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo
 
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,75}$")
@@ -28,22 +31,6 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HeatDefaults(HeatParameters):
-    """The catalog's heat parameters with the bundled example's sizes as defaults."""
-
-    nx: int = Field(256, gt=0, le=65536)
-    ny: int = Field(256, gt=0, le=65536)
-    steps: int = Field(200, ge=0)
-
-
-class VarDefaults(VarParameters):
-    paths: int = Field(1 << 20, gt=0)
-
-
-class KmerDefaults(KmerParameters):
-    k: int = Field(21, ge=1, le=31)
 
 
 class _KernelBase(_Strict):
@@ -170,6 +157,9 @@ class PipelineSpec(_Strict):
     reuse_result: bool = Field(
         False, description="reuse the outputs of an earlier run with the same kernel, "
         "parameters and input bytes (any rank count gives the same bits) instead of running")
+    steps: list[StepSpec] | None = Field(
+        None, min_length=1, description="a graph of steps (bundled kernels and your own "
+        "commands) instead of the single kernel; see the README's 'Steps and sweeps'")
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
@@ -196,6 +186,21 @@ class PipelineSpec(_Strict):
     def kernel_info(self) -> KernelInfo:
         return KERNELS[self.kernel.name]
 
+    def step_list(self) -> list[StepSpec]:
+        """``steps:``, with an explicitly given ``kernel:`` as a first step named ``kernel``.
+
+        A spec that has only ``kernel:`` runs the classic single-job pipeline instead.
+        """
+        steps = list(self.steps or [])
+        if self.steps and "kernel" in self.model_fields_set:
+            k = self.kernel
+            inputs = ({"input": f"s3://{self.storage.input_bucket}/{k.input_key}"}
+                      if k.input_key else {})
+            steps.insert(0, StepSpec(name="kernel", uses=k.name,
+                                     parameters=k.parameters.model_dump(), inputs=inputs,
+                                     checkpoint_every=k.checkpoint_every, retries=k.retries))
+        return steps
+
 
 def _untag_kernel(parts: list[str]) -> list[str]:
     if parts[:1] == ["kernel"] and parts[1:2] and parts[1] in KERNELS:
@@ -204,6 +209,23 @@ def _untag_kernel(parts: list[str]) -> list[str]:
 
 
 def load_spec(path: Path | str, **overrides: object) -> PipelineSpec:
-    """Read and validate a spec; ``overrides`` (e.g. ranks from the CLI) win over the file."""
-    return load_yaml_model(path, PipelineSpec, what="pipeline spec", error=SpecError,
+    """Read and validate a spec; ``overrides`` (e.g. ranks from the CLI) win over the file.
+
+    A spec with ``steps:`` is also checked as a graph (names, cycles, placeholders, inputs,
+    executables), so every refusal happens here, before anything is created.
+    """
+    spec = load_yaml_model(path, PipelineSpec, what="pipeline spec", error=SpecError,
                            overrides=overrides, rename=_untag_kernel)
+    if spec.steps:
+        step_plan(spec, Path(path))
+    return spec
+
+
+def step_plan(spec: PipelineSpec, path: Path) -> Plan:
+    """The spec's step graph, checked and expanded into points (SpecError if it cannot run)."""
+    try:
+        return build_plan(spec.step_list(), spec_dir=Path(path).resolve().parent,
+                          default_backend=spec.backend, default_ranks=spec.ranks)
+    except GraphError as e:
+        raise SpecError(f"pipeline spec {path} is invalid:\n"
+                        + "\n".join(f"  {line}" for line in str(e).splitlines())) from None
