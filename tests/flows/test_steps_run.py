@@ -164,6 +164,14 @@ def test_a_sweep_on_slurm_is_one_job_array(aws, cli_env, tmp_path, local_slurm):
     tasks = sorted(int(line.split("ArrayTaskId=")[1].split()[0]) for line in shown)
     assert tasks == list(range(8))
     assert all("JobState=COMPLETED" in line for line in shown)
+    # ...and its job completion log records each element with its array's id.
+    conf = (local_slurm.layout.root / "slurm.conf").read_text()
+    comp = Path(next(ln.split("=", 1)[1] for ln in conf.splitlines()
+                     if ln.startswith("JobCompLoc=")))
+    done = [ln for ln in comp.read_text().splitlines() if f" ArrayJobId={array_id} " in ln]
+    assert sorted(int(ln.split(" ArrayTaskId=")[1].split()[0]) for ln in done) == \
+        list(range(8))
+    assert all("JobState=COMPLETED" in ln for ln in done)
     script = (tmp_path / ".clusterflow" / "scratch" / result["run_id"] / "sq"
               / "sq.sbatch").read_text()
     assert "--array=0,1,2,3,4,5,6,7%4" in script
