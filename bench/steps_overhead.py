@@ -120,7 +120,10 @@ def main() -> None:
             raise SystemExit(f"clusterflow local up failed:\n{up.stderr[-2000:]}")
         from flows.local_stack import recorded_prefect_api
 
-        env["PREFECT_API_URL"] = recorded_prefect_api(REPO / ".clusterflow") or ""
+        api = recorded_prefect_api(REPO / ".clusterflow")
+        if not api:
+            raise SystemExit("the local stack's Prefect server does not answer")
+        env["PREFECT_API_URL"] = api
         try:
             one = single_job(args.samples, args.repeat, work, env)
             many = sweep(args.points, args.job_seconds, args.max_parallel, args.repeat, work,

@@ -149,3 +149,26 @@ def test_cli_refuses_before_anything_is_created(aws, cli_env, tmp_path, steps, f
     buckets = {b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]}
     assert not buckets & set(storage.values())
     assert not (tmp_path / ".clusterflow" / "scratch").exists()  # nor a run directory
+
+
+def test_human_summary_is_one_row_per_point(capsys, monkeypatch):
+    from flows.cli import _steps_summary
+
+    monkeypatch.setenv("COLUMNS", "200")
+    points = [{"point": f"seed={i}", "params": {"seed": i}, "backend": "slurm",
+               "job_id": f"41_{i}", "seconds": 1.25, "computed_by": "r1",
+               "state": "completed" if i != 7 else "failed",
+               "outputs": [{"name": "value.json", "sha256": f"{i:02x}" * 32, "bytes": 9}]
+               if i != 7 else [], **({"error": "sq[seed=7]: exit code 3"} if i == 7 else {})}
+              for i in range(64)]
+    _steps_summary({"run_id": "r1", "state": "failed", "aws": "embedded AWS [moto]",
+                    "points": {"total": 64, "failed": 1}, "seconds": {"steps": 70.0},
+                    "steps": {"sq": {"points": points}}, "result_sha256": "ab" * 32,
+                    "s3": {"manifest": "s3://b/runs/r1/manifest.json"}, "scratch_dir": "/s",
+                    "fanout": {"queues": {}}})
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.lstrip().startswith("sq ")]
+    assert len(rows) == 64
+    assert "seed=7" in rows[7] and "failed" in rows[7] and "exit code 3" in rows[7]
+    assert "41_3" in rows[3] and "value.json 030303030303" in rows[3]
+    assert "63/64 points completed" in out and "embedded AWS [moto]" in out

@@ -55,7 +55,38 @@ def _get(aws: AwsTarget, result: dict, key: str) -> bytes:
                                        Key=url.path.lstrip("/") + key)["Body"].read()
 
 
-def _sweep_steps(flag: Path | None = None, backend: str | None = None) -> list[dict]:
+def _run_events_queue(aws: AwsTarget) -> str:
+    """A FIFO queue on the run-events topic, as `clusterflow events apply` would make it."""
+    sns, sqs = aws.client("sns"), aws.client("sqs")
+    topic = sns.create_topic(Name="clusterflow-run-events.fifo",
+                             Attributes={"FifoTopic": "true"})["TopicArn"]
+    url = sqs.create_queue(QueueName="steps-test-run-events.fifo",
+                           Attributes={"FifoQueue": "true"})["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
+        "Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn,
+                  Attributes={"RawMessageDelivery": "true"})
+    return url
+
+
+def _run_events(aws: AwsTarget, url: str, run_id: str) -> list[str]:
+    from event_bridge.run_events import parse_run_event
+
+    sqs, stages = aws.client("sqs"), []
+    while True:
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                  WaitTimeSeconds=0).get("Messages", [])
+        if not got:
+            return stages
+        for m in got:
+            detail = parse_run_event(m["Body"])["detail"]
+            if detail["run_id"] == run_id:
+                stages.append(detail["stage"])
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
+def _sweep_steps(flag: Path | None = None, backend: str | None = None,
+                 per_point: bool = False) -> list[dict]:
     cmd = ["python", str(FIX / "point.py"), "{params.x}", "{out}"]
     if flag is not None:
         cmd += ["--fail-if-exists", str(flag)]
@@ -67,6 +98,12 @@ def _sweep_steps(flag: Path | None = None, backend: str | None = None) -> list[d
              "command": ["python", str(FIX / "total.py"), "{inputs.values}",
                          "{out}/total.json"],
              "inputs": {"values": "steps.sq.outputs/value.json"}}
+    if per_point:
+        double = {"name": "double", "per_point": True, "launcher": "none", "ranks": 1,
+                  "command": ["python", str(FIX / "total.py"), "{inputs.value}",
+                              "{out}/total.json", "{inputs.value}"],
+                  "inputs": {"value": "steps.sq.outputs/value.json"}}
+        return [sq, total, double]
     return [sq, total]
 
 
@@ -90,6 +127,7 @@ def test_a_dag_with_fan_in_runs_each_step_after_its_inputs(aws, cli_env, tmp_pat
                     "pi": "steps.pi.outputs/estimate.json"}},
     ]
     cli_env["AWS_ENDPOINT_URL"] = aws.endpoint_url
+    events = _run_events_queue(aws)
     result = _run(_spec(tmp_path, "dag", steps), cli_env, tmp_path)
     assert result["state"] == "succeeded" and result["points"] == {"total": 4, "failed": 0}
     assert list(result["steps"]) == ["prep", "risk", "pi", "combine"]
@@ -115,11 +153,19 @@ def test_a_dag_with_fan_in_runs_each_step_after_its_inputs(aws, cli_env, tmp_pat
     assert step_json["kernel_manifest"]["kernel"] == "var"  # the kernel's own, embedded
     assert result["fanout"]["queues"]["audit"]["verified"] == 1
 
+    # Per-point lifecycle events arrived on the FIFO topic in order: each point started
+    # before it succeeded, and combine started only after every step it reads succeeded.
+    stages = _run_events(aws, events, result["run_id"])
+    for name in ("prep", "risk", "pi", "combine"):
+        assert stages.index(f"step:{name}:started") < stages.index(f"step:{name}:succeeded")
+    assert stages.index("step:combine:started") > max(
+        stages.index(f"step:{n}:succeeded") for n in ("prep", "risk", "pi"))
+
 
 def test_sweep_fans_in_and_a_rerun_computes_only_the_failed_point(aws, cli_env, tmp_path):
     flag = tmp_path / "broken"
     flag.write_text("x=3 fails while this exists\n")
-    spec = _spec(tmp_path, "sweep", _sweep_steps(flag), reuse_result=True)
+    spec = _spec(tmp_path, "sweep", _sweep_steps(flag, per_point=True), reuse_result=True)
     cli_env["AWS_ENDPOINT_URL"] = aws.endpoint_url
 
     first = _run(spec, cli_env, tmp_path, expect=1)
@@ -128,7 +174,12 @@ def test_sweep_fans_in_and_a_rerun_computes_only_the_failed_point(aws, cli_env, 
     assert sq["x=3"]["state"] == "failed" and "refusing on purpose" in sq["x=3"]["error"]
     assert all(p["state"] == "completed" for k, p in sq.items() if k != "x=3")
     assert _points(first, "total")[""]["state"] == "skipped"
-    assert first["points"] == {"total": 9, "failed": 2}
+    # per_point: one downstream point per upstream point; only x=3's is skipped.
+    double = _points(first, "double")
+    assert list(double) == list(sq)
+    assert [k for k, p in double.items() if p["state"] != "completed"] == ["x=3"]
+    assert json.loads(_get(aws, first, "double/x=6/total.json"))["extra"][0]["square"] == 36
+    assert first["points"] == {"total": 17, "failed": 3}
     value = json.loads(_get(aws, first, "sq/x=5/value.json"))
     assert value["square"] == 25 and value["point"] == "x=5"
     assert Path(value["cwd"]).name == "out"  # a command runs in its own {out}
@@ -140,6 +191,8 @@ def test_sweep_fans_in_and_a_rerun_computes_only_the_failed_point(aws, cli_env, 
     assert recomputed == ["x=3"]
     assert all(p["state"] == "reused" and p["computed_by"] == first["run_id"]
                for k, p in sq2.items() if k != "x=3")
+    assert [k for k, p in _points(second, "double").items()
+            if p["computed_by"] == second["run_id"]] == ["x=3"]
     total = json.loads(_get(aws, second, "total/total.json"))
     assert total["sum_of_squares"] == sum(i * i for i in range(8))
     assert total["points"] == [f"x={i}" for i in range(8)]
@@ -177,3 +230,16 @@ def test_a_sweep_on_slurm_is_one_job_array(aws, cli_env, tmp_path, local_slurm):
     assert "--array=0,1,2,3,4,5,6,7%4" in script
     total = json.loads(_get(aws, result, "total/total.json"))
     assert total["sum_of_squares"] == 140
+
+
+def test_fail_fast_cancels_the_rest_of_the_sweep(aws, cli_env, tmp_path):
+    flag = tmp_path / "broken"
+    flag.write_text("x=3 fails\n")
+    steps = _sweep_steps(flag)[:1]
+    steps[0]["sweep"] = {"x": {"range": [3, 7]}, "max_parallel": 1, "fail_fast": True}
+    cli_env["AWS_ENDPOINT_URL"] = aws.endpoint_url
+    result = _run(_spec(tmp_path, "failfast", steps), cli_env, tmp_path, expect=1)
+    states = {k: p["state"] for k, p in _points(result, "sq").items()}
+    assert states == {"x=3": "failed", "x=4": "skipped", "x=5": "skipped", "x=6": "skipped"}
+    assert all("fail_fast" in p["error"] for k, p in _points(result, "sq").items()
+               if k != "x=3")
