@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
+from infra.backends.shell_safety import NoControlChars
 from infra.yaml_models import load_yaml_model
 from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo, KmerParameters, VarParameters
 
@@ -26,7 +27,8 @@ class SpecError(ValueError):
     """A pipeline spec that cannot be used; the message names every offending field."""
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
+    # Spec values reach generated scripts (batch scripts, SSM commands): no control chars.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
