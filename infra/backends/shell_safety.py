@@ -24,9 +24,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import PurePath
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, ValidationInfo, field_validator
 
 # C0 controls (incl. \t \n \r), DEL, C1 controls (incl. NEL), and Unicode line/paragraph
 # separators, which some tools treat as line breaks.
@@ -147,18 +147,36 @@ def check_values(value: Any, what: str) -> None:
             check_values(v, f"{what} [{i}]" if what != "value" else f"item [{i}]")
 
 
+def _check_nul(value: Any, what: str) -> None:
+    if isinstance(value, (str, PurePath)) and "\x00" in str(value):
+        raise UnsafeValue(f"{what} {_preview(str(value))} contains a NUL byte, which no "
+                          "command line can carry")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_nul(v, f"item [{i}]")
+
+
 class NoControlChars(BaseModel):
     """Base for spec and config models: no string field may hold a control character.
 
     The check runs on every field after its own validation, so the error carries the field's
     path like any other spec error (``slurm.sbatch_args: item [0] ... contains a newline``).
+
+    A field that is an argv the user writes (say a step's ``command:``), where a newline can
+    be meant (``python -c "..."``), is named in ``argv_fields``: it may hold control characters
+    but no NUL, and whoever puts it into a script must use ``render_command``.
     """
+
+    argv_fields: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_control_chars(cls, value: Any) -> Any:
+    def _no_control_chars(cls, value: Any, info: ValidationInfo) -> Any:
         try:
-            check_values(value, "value")
+            if info.field_name in cls.argv_fields:
+                _check_nul(value, "value")
+            else:
+                check_values(value, "value")
         except UnsafeValue as e:
             raise ValueError(str(e)) from None
         return value

@@ -124,3 +124,19 @@ def test_models_keep_odd_but_safe_values() -> None:
     ok = _Outer.model_validate({"inner": {"name": "a b;c $(d) `e` 'f\"", "args": ["--x=1 2"],
                                           "env": {"K": "v;w"}, "path": "/a b/c"}})
     assert ok.inner.name == "a b;c $(d) `e` 'f\""
+
+
+class _Step(NoControlChars):
+    argv_fields = frozenset({"command"})
+    name: str
+    command: list[str]
+
+
+def test_argv_fields_keep_newlines_for_render_command_but_refuse_nul(tmp_path: Path) -> None:
+    step = _Step.model_validate({"name": "s", "command": ["python3", "-c", "a = 1\nprint(a)"]})
+    proc = bash(render_command(step.command), tmp_path)
+    assert proc.stdout == b"1\n", proc.stderr
+    with pytest.raises(ValidationError, match=r"item \[1\] .* NUL"):
+        _Step.model_validate({"name": "s", "command": ["echo", "a\x00b"]})
+    with pytest.raises(ValidationError, match="newline"):
+        _Step.model_validate({"name": "s\n", "command": ["true"]})
