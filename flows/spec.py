@@ -10,12 +10,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from flows.kernel_defaults import HeatDefaults, KmerDefaults, VarDefaults
 from flows.steps.graph import GraphError, Plan, build_plan
 from flows.steps.model import StepSpec
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
+from infra.backends.shell_safety import NoControlChars
 from infra.yaml_models import load_yaml_model
 from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo
 
@@ -29,7 +30,8 @@ class SpecError(ValueError):
     """A pipeline spec that cannot be used; the message names every offending field."""
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
+    # Spec values reach generated scripts (batch scripts, SSM commands): no control chars.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

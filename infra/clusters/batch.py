@@ -45,6 +45,7 @@ from botocore.exceptions import ClientError
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
 from infra.backends.providers.base import JobState
+from infra.backends.shell_safety import safe_arg
 from infra.clusters.batch_config import (
     MAX_NODE_GROUPS,
     MAX_NODES,
@@ -113,8 +114,10 @@ def fsx_user_data(cfg: BatchMnpConfig) -> str | None:
         "#!/bin/bash",
         "set -euo pipefail",
         "dnf install -y lustre-client 2>/dev/null || amazon-linux-extras install -y lustre",
-        f"mkdir -p {f.mount_point}",
-        f"mount -t lustre -o relatime,flock {f.dns_name}@tcp:/{f.mount_name} {f.mount_point}",
+        f"mkdir -p {safe_arg(f.mount_point, 'fsx.mount_point')}",
+        "mount -t lustre -o relatime,flock "
+        f"{safe_arg(f'{f.dns_name}@tcp:/{f.mount_name}', 'fsx.dns_name/mount_name')} "
+        f"{safe_arg(f.mount_point, 'fsx.mount_point')}",
     ])
     boundary = "==CLUSTERFLOW=="
     doc = (f'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="{boundary}"\n\n'

@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
+from infra.backends.shell_safety import PLAIN_PATH, NoControlChars
 from infra.clusters import instance_types
 from infra.clusters.config_issues import ConfigInvalid, ConfigIssue, load_yaml_mapping, path_of
 
@@ -38,7 +39,8 @@ SecurityGroupId = Annotated[str, Field(pattern=r"^sg-[0-9a-f]{8,17}$")]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}$"  # leaves room for "-queue" etc. in 128
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
+    # Values reach user data, job definitions and commands: no control characters.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -53,9 +55,11 @@ class Volume(_Strict):
 class FsxMount(_Strict):
     """An existing FSx for Lustre file system, mounted on every instance at boot."""
 
-    dns_name: str
-    mount_name: str
-    mount_point: str = Field("/fsx", pattern=r"^/")
+    dns_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$",
+                          description="fs-....fsx.<region>.amazonaws.com")
+    mount_name: str = Field(pattern=r"^[A-Za-z0-9_]+$",
+                            description="the file system's MountName (e.g. abcdefgh)")
+    mount_point: str = Field("/fsx", pattern=PLAIN_PATH)
 
 
 class Container(_Strict):

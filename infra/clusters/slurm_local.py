@@ -41,6 +41,8 @@ import typer
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
+from infra.backends.shell_safety import control_char, describe_char
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix-dev")
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sacct", "sinfo",
             "srun", "munged", "mungekey", "munge")
@@ -375,6 +377,14 @@ class LocalSlurm:
             f"{self.node_line()} NodeAddr=127.0.0.1 State=UNKNOWN",
             f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
+        for line in lines:
+            # A newline in a path (state dir, CLUSTERFLOW_HOME) would add a config line of its
+            # own, e.g. a Prolog= that slurmd runs as root.
+            found = control_char(line)
+            if found is not None:
+                raise LocalSlurmError(f"slurm.conf line {line!r:.120} contains "
+                                      f"{describe_char(found[1])}: use a state dir whose "
+                                      "path has no control characters")
         return "\n".join(lines) + "\n"
 
     # ---- daemons

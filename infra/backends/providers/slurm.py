@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import ProviderUnavailable
+from infra.backends.shell_safety import export_line, reject_control_chars, render_command
 
 LAUNCHERS = ("srun", "mpiexec")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
@@ -75,7 +75,7 @@ class SlurmUnavailable(SlurmError, ProviderUnavailable):
 
 def valid_time_limit(value: str) -> bool:
     """Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    return bool(_TIME_LIMIT_RE.match(value))
+    return bool(_TIME_LIMIT_RE.fullmatch(value))
 
 
 def default_slurm_conf() -> Path | None:
@@ -139,6 +139,11 @@ class SlurmProvider(ExecutionProvider):
         if time_limit is not None and not valid_time_limit(str(time_limit)):
             raise ValueError(f"time limit {time_limit!r} is not a Slurm time (minutes, "
                              "HH:MM:SS or D-HH:MM:SS)")
+        # The batch script records these; a newline in one would start a line of its own.
+        for k, arg in enumerate(sbatch_args):
+            reject_control_chars(arg, f"sbatch_args[{k}]")
+        if partition is not None:
+            reject_control_chars(partition, "partition")
         self.partition = partition
         self.time_limit = None if time_limit is None else str(time_limit)
         self.launcher_name = launcher
@@ -228,12 +233,12 @@ class SlurmProvider(ExecutionProvider):
                                      stdout=out, stderr=err, script=script)
         lines = ["#!/bin/bash",
                  "# Written by clusterflow's slurm provider. Submitted as:",
-                 f"#   {shlex.join(sbatch)}"]
+                 f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
-            lines.append(f"#   with SLURM_CONF={shlex.quote(str(self.slurm_conf))}")
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+            lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
+        lines += [export_line(k, v) for k, v in (env or {}).items()]
         # exec: the batch step's exit status is the launcher's, so Slurm reports the ranks'.
-        lines.append(f"exec {shlex.join(command)}")
+        lines.append(f"exec {render_command(command)}")
         script.write_text("\n".join(lines) + "\n")
         script.chmod(0o755)
         # Readers (the pipeline's log forwarding) can open them before the job starts.
