@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from flows.kernel_defaults import KERNEL_DEFAULTS
+from infra.backends.shell_safety import NoControlChars
 
 STEP_NAME = r"^[a-z][a-z0-9_-]{0,40}$"
 Backend = Literal["local", "slurm", "parallelcluster", "batch"]
@@ -34,7 +35,10 @@ _SAFE_VALUE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 RESERVED = ("max_parallel", "fail_fast", "points", "matrix")
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
+    """Unknown keys are errors; no string may hold a control character (it could end up in a
+    generated batch script), except where a model names an argv field."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -123,6 +127,10 @@ class Sweep(_Strict):
 
 
 class StepSpec(_Strict):
+    # A command is an argv list, never shell text: it may hold newlines (python -c "..."),
+    # and every script that carries it renders it with shell_safety.render_command.
+    argv_fields: ClassVar[frozenset[str]] = frozenset({"command"})
+
     name: str = Field(pattern=STEP_NAME)
     uses: Literal["heat", "var", "kmer"] | None = Field(
         None, description="a bundled kernel; its parameters are validated as in kernel:")

@@ -287,14 +287,14 @@ class SlurmProvider(ExecutionProvider):
         sbatch.insert(-1, f"--array={indices}%{max_parallel}")
         lines = ["#!/bin/bash",
                  "# Written by clusterflow's slurm provider: one job array. Submitted as:",
-                 f"#   {shlex.join(sbatch)}"]
+                 f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
-            lines.append(f"#   with SLURM_CONF={shlex.quote(str(self.slurm_conf))}")
+            lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
         lines.append('case "$SLURM_ARRAY_TASK_ID" in')
         for item in items:
-            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in item.env.items())
-            lines.append(f"  {item.index}) cd {shlex.quote(str(item.workdir))} && {exports}"
-                         f"exec {shlex.join(item.command)} ;;")
+            exports = "".join(f"{export_line(k, v)}; " for k, v in item.env.items())
+            lines.append(f"  {int(item.index)}) cd {render_command([str(item.workdir)])} && "
+                         f"{exports}exec {render_command(item.command)} ;;")
         lines += ["esac",
                   'echo "clusterflow: no command for array index $SLURM_ARRAY_TASK_ID" >&2',
                   "exit 2"]
