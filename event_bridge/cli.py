@@ -95,7 +95,8 @@ def _emit(data: dict[str, Any]) -> None:
 def apply_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
               region: RegionOpt = None, as_json: JsonOpt = False) -> None:
     """Create or update every resource the fabric declares (idempotent: never duplicates)."""
-    from event_bridge.apply import PatternCheckFailed, apply_fabric
+    from event_bridge.apply import apply_fabric
+    from event_bridge.ensure_rules import PatternCheckFailed
 
     spec = _fabric(fabric)
     _logging(logging.WARNING)

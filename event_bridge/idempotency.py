@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
-from event_bridge.apply import ensure_dedup_table
+from event_bridge.ensure_storage import ensure_dedup_table
 from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)

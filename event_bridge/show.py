@@ -12,7 +12,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from event_bridge.apply import find_topic, queue_url_or_none
+from event_bridge.ensure_queues import queue_url_or_none
+from event_bridge.ensure_topics import find_topic
 from event_bridge.fabric import Fabric
 from infra.aws.clients import AwsTarget
 
