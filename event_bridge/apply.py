@@ -40,6 +40,7 @@ from event_bridge.ensure_topics import (
     subscriptions_by_endpoint,
 )
 from event_bridge.fabric import Fabric
+from event_bridge.grants import LiveSources, merged
 from infra.aws.clients import AwsTarget
 
 
@@ -114,12 +115,21 @@ def apply_fabric(aws: AwsTarget, fabric: Fabric) -> AppliedFabric:
         for n in bucket.queue_notifications:
             senders[n.queue].setdefault("s3.amazonaws.com", []).append(
                 f"arn:aws:s3:::{bucket.name}")
+    # Topics and queues may be shared with other specs: their live grants are kept.
+    live = LiveSources(aws)
     for name, topic_arn in applied.topics.items():
-        ensure_topic_policy(sns, name, topic_arn, sorted(set(publishers[name])), changes)
+        if not publishers[name]:
+            continue
+        current = sns.get_topic_attributes(TopicArn=topic_arn)["Attributes"].get("Policy")
+        who = merged({"events.amazonaws.com": publishers[name]}, current, live)
+        ensure_topic_policy(sns, name, topic_arn, who["events.amazonaws.com"], changes)
     for name, ref in applied.queues.items():
-        who = {svc: sorted(set(arns)) for svc, arns in senders[name].items()}
-        if who:
-            ensure_policy(sqs, ref, allow_senders_policy(ref.arn, who), changes)
+        if not senders[name]:
+            continue
+        current = sqs.get_queue_attributes(QueueUrl=ref.url, AttributeNames=["Policy"]).get(
+            "Attributes", {}).get("Policy")
+        who = merged(senders[name], current, live)
+        ensure_policy(sqs, ref, allow_senders_policy(ref.arn, who), changes)
 
     for topic in fabric.topics:
         topic_arn = applied.topics[topic.name]
