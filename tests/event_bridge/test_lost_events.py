@@ -213,3 +213,13 @@ def test_stale_and_foreign_events_never_fail_a_run_s_consume_stage(aws, tmp_path
         sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
         dead = sqs.receive_message(QueueUrl=applied.dlq_urls[queue]).get("Messages", [])
     assert [parse_event(m["Body"]).key for m in dead] == [stale]
+
+
+def test_per_bucket_rule_names_stay_valid_and_distinct_for_long_bucket_names():
+    base = "r" * 60
+    topos = [_topo("x", f"{base}-{i}") for i in (1, 2)]
+    names = [t.rule_name for t in topos]
+    assert names[0] != names[1]
+    for topo in topos:  # a rule name AWS accepts: [.-_A-Za-z0-9], at most 64
+        assert RuleSpec(name=topo.rule_name, pattern=topo.event_pattern(),
+                        targets=[TargetSpec(topic=topo.topic)]).name == topo.rule_name
