@@ -49,7 +49,7 @@ def new_run_id(spec: PipelineSpec) -> str:
 
 def ensure_bucket(aws: AwsTarget, bucket: str) -> None:
     """Create ``bucket`` unless it exists (the fabric's own idempotent create)."""
-    from event_bridge.apply import ensure_bucket as ensure
+    from event_bridge.ensure_storage import ensure_bucket as ensure
 
     ensure(aws.client("s3"), bucket, aws.region, [])
 
