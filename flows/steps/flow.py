@@ -43,7 +43,7 @@ class StepsOutcome:
 
 def run_events_publisher(aws: AwsTarget, run_id: str, logger: Any) -> Any:
     """Per-point lifecycle events on the fabric's FIFO run-events topic (ordered per run)."""
-    from event_bridge.apply import find_topic
+    from event_bridge.ensure_topics import find_topic
     from event_bridge.run_events import publish_run_event
 
     sns = aws.client("sns")
