@@ -121,7 +121,7 @@ def batch_backend(settings: BatchSettings, aws: AwsTarget, *,
     """A ``BatchProvider`` on a provisioned MNP environment (removed afterwards with
     ``teardown: after_run``)."""
     from infra.backends.providers.batch import BatchProvider
-    from infra.clusters.batch import delete_environment
+    from infra.clusters.batch.provision import delete_environment
     from infra.clusters.batch_config import load_batch_config
 
     config = load_batch_config(settings.config)
