@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.markup import escape
 
@@ -28,6 +29,7 @@ from infra.clusters.config_issues import ConfigInvalid, ConfigIssue, load_yaml_m
 from infra.clusters.parallelcluster_validate import (
     config_region,
     is_parallelcluster_config,
+    region_issue,
     validate_cluster_config,
 )
 
@@ -67,6 +69,11 @@ def validate_file(path: Path, *, check_aws: bool = False, region: str | None = N
         return _validate_file(path, check_aws=check_aws, region=region, subnet_azs=subnet_azs)
     except AwsConfigError:
         raise
+    except (BotoCoreError, ClientError) as e:  # --check-aws: the endpoint, not the file
+        message = " ".join(str(e).split()) or type(e).__name__
+        return FileResult(str(path), "unknown", "", [ConfigIssue(
+            "<aws>", f"the account look-ups failed ({message}): check the endpoint, region and "
+            "credentials, or validate without --check-aws")])
     except Exception as e:  # noqa: BLE001 - one file's failure must not hide the others'
         message = " ".join(str(e).split()) or "no message"
         return FileResult(str(path), "unknown", "", [ConfigIssue(
@@ -88,6 +95,9 @@ def _validate_file(path: Path, *, check_aws: bool, region: str | None,
                 aws=_target(check_aws, str(raw.get("region") or region or "us-east-1")))
             return FileResult(str(path), "batch", summary(cfg), [])
         if is_parallelcluster_config(raw):
+            bad_region = region_issue(raw, region)  # before --check-aws builds a client with it
+            if bad_region:
+                raise ConfigInvalid(str(path), [bad_region])
             cluster = validate_cluster_config(
                 raw, source=str(path), region=region, subnet_azs=subnet_azs,
                 aws=_target(check_aws, config_region(raw, region)))
@@ -128,7 +138,8 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
 ) -> None:
     """Validate cluster configs offline: ParallelCluster's own schema plus clusterflow's checks
-    (EFA support, one AZ for EFA / placement groups, MaxCount >= MinCount, GPU queues)."""
+    (EFA support, placement groups, one AZ for EFA / placement groups, MaxCount >= MinCount;
+    warnings where ParallelCluster warns, and for GPU health checks on types without GPUs)."""
     azs = _parse_subnet_azs(subnet_az or [])
     try:
         results = [validate_file(f, check_aws=check_aws, region=region, subnet_azs=azs)

@@ -303,3 +303,20 @@ def test_a_batch_config_with_a_placeholder_region_is_refused_by_field():
         validate_batch_config(raw)
     assert [(i.path, "template placeholder" in i.message) for i in exc.value.issues] == [
         ("region", True)]
+
+
+def test_an_unreachable_endpoint_is_one_line_per_file(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    placeholder = bad_files(tmp_path)["placeholder"]
+    good = str(CONFIGS / "efa-spot-us-east-1.yaml")
+    result = CliRunner().invoke(cli_app(), ["validate", "--check-aws", good, str(placeholder)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert [ln.split(": ")[1] for ln in lines[:-1]] == ["<aws>", "Region"], lines
+    assert "the account look-ups failed" in lines[0] and f"127.0.0.1:{port}" in lines[0]
