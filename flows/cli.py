@@ -131,7 +131,7 @@ def _mount() -> None:
     from event_bridge.cli import app as events_app
     from flows.local_cli import local_app
     from flows.local_cli import register as register_deploy
-    from infra.clusters.slurm_local import app as slurm_app
+    from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage

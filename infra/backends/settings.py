@@ -106,6 +106,8 @@ def parallelcluster_backend(settings: ParallelClusterSettings, aws: AwsTarget, *
     region = config_region(load_cluster_config(settings.config).raw, aws.region)
     target = dataclasses.replace(aws, region=region)
     config = load_cluster_config(settings.config, aws=target)  # account look-ups, first
+    for warning in config.warnings:  # what ParallelCluster would only warn about: said, not fatal
+        progress(f"{settings.config}: {warning}")
     queue = settings.queue or config.raw["Scheduling"]["SlurmQueues"][0]["Name"]
     kwargs: dict[str, Any] = {"api": api} if api is not None else {}
     cluster = ParallelCluster(settings.cluster_name, target, **kwargs)
@@ -123,7 +125,7 @@ def batch_backend(settings: BatchSettings, aws: AwsTarget, *,
     """A ``BatchProvider`` on a provisioned MNP environment (removed afterwards with
     ``teardown: after_run``)."""
     from infra.backends.providers.batch import BatchProvider
-    from infra.clusters.batch import delete_environment
+    from infra.clusters.batch.provision import delete_environment
     from infra.clusters.batch_config import load_batch_config
 
     config = load_batch_config(settings.config)

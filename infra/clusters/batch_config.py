@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
+from infra.aws.regions import region_problem
 from infra.backends.shell_safety import PLAIN_PATH, NoControlChars
 from infra.clusters import instance_types
 from infra.clusters.config_issues import ConfigInvalid, ConfigIssue, load_yaml_mapping, path_of
@@ -110,6 +111,15 @@ class BatchMnpConfig(_Strict):
     log_group: str = "/aws/batch/job"
     tags: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        """Refused here, not by botocore's InvalidRegionError traceback at the first call."""
+        problem = region_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     # Derived settings, one place for the sizing rules.
     @property
     def instance(self) -> instance_types.InstanceType:
@@ -165,6 +175,9 @@ def instance_issues(cfg: BatchMnpConfig) -> list[ConfigIssue]:
     try:
         it = instance_types.lookup(cfg.instance_type)
     except instance_types.UnknownInstanceType as e:
+        if e.known_name:  # a real type, but nodes are sized from its vCPUs and EFA count
+            return [ConfigIssue("instance_type", f"{e}; Batch nodes are sized from those facts: "
+                                "pick a type the catalog describes")]
         return [ConfigIssue("instance_type", f"{e} (if it is new, regenerate infra/clusters/data/"
                             "instance_types.json with 'python -m infra.clusters.instance_types')")]
     issues = []

@@ -41,7 +41,8 @@ from typing import Any
 
 from infra.aws.clients import AwsTarget
 from infra.backends.shell_safety import safe_arg
-from infra.clusters.slurm_local import LocalSlurm, LocalSlurmError
+from infra.clusters.slurm_local.cluster import LocalSlurm
+from infra.clusters.slurm_local.layout import LocalSlurmError
 from infra.ha import head_boot as hb
 from infra.ha.config import HaConfig
 from infra.ha.deploy import Deployment, deploy

@@ -86,7 +86,7 @@ def default_slurm_conf() -> Path | None:
     """
     if os.environ.get("SLURM_CONF"):
         return Path(os.environ["SLURM_CONF"])
-    from infra.clusters.slurm_local import default_state_dir
+    from infra.clusters.slurm_local.layout import default_state_dir
 
     local = default_state_dir() / "slurm.conf"
     return None if not local.exists() and SYSTEM_CONF.exists() else local
@@ -167,7 +167,7 @@ class SlurmProvider(ExecutionProvider):
         return env
 
     def _hint(self) -> str:
-        from infra.clusters.slurm_local import default_state_dir
+        from infra.clusters.slurm_local.layout import default_state_dir
 
         if self.slurm_conf is None or self.slurm_conf == default_state_dir() / "slurm.conf":
             return MAKE_HINT
