@@ -90,10 +90,16 @@ def run(
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
     try:
         # Refuse a bad spec before anything starts.
-        load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+        loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
     except SpecError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    if loaded.aws == "real":  # credentials are checked offline, before Prefect starts
+        from infra.aws.credentials import real_aws_problem
+
+        if (problem := real_aws_problem()) is not None:
+            err.print(f"[red]error:[/] {spec}: {problem}", highlight=False)
+            raise typer.Exit(2)
 
     from flows import prefect_runtime
     from infra.aws.embedded import state_dir

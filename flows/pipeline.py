@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
 from flows.backends import open_backend, slurm_provider
+from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import aws_target
@@ -109,9 +110,13 @@ def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
         shape["nz"] = None
     raw["kernel"]["parameters"].update(shape)
     try:
-        return PipelineSpec.model_validate(raw)
+        sized = PipelineSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"the input {path.name} does not fit the spec: {e}") from None
+    # The uploaded grid, not the spec's, decides the memory the ranks need.
+    check_resources("heat", sized.kernel.parameters, sized.ranks, sized.backend,
+                    local=sized.local, where=f"the input {path.name}")
+    return sized
 
 
 @task(name="stage_in", cache_policy=NO_CACHE)
