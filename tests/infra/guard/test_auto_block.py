@@ -14,6 +14,7 @@ import pytest
 from event_bridge.apply import apply_fabric
 from event_bridge.fabric import ConsumerSpec, DedupSpec, Fabric, QueueSpec, TargetSpec, load_fabric
 from event_bridge.guard_handler import handle
+from event_bridge.handlers import security_alert
 from event_bridge.lambda_shapes import new_context
 from event_bridge.service import consume
 from infra.guard.service import Guard
@@ -112,10 +113,15 @@ def test_guardduty_finding_blocks_within_seconds_and_the_sweep_unblocks(
     finally:
         stop.set()
         worker.join(30)
-    alerts = [(a["detail-type"], a["detail"]["cidr"]) for a in net.alerts()]
+    raw = net.alerts()
+    alerts = [(a["detail-type"], a["detail"]["cidr"]) for a in raw]
     assert sorted(alerts) == [("Guard Block Added", "192.0.2.44/32"),
                               ("Guard Block Added", "203.0.113.66/32"),
                               ("Guard Block Refused", "198.51.100.7")]
+    # The fabric's alert notifier (subscribed to the same topic) reads them too.
+    read = security_alert({"Records": [{"Sns": {"Message": json.dumps(a)}} for a in raw]},
+                          None)["alerts"]
+    assert sorted((a["event"], a["resource"]) for a in read) == sorted(alerts)
 
     # After the TTL, the scheduled sweep (here its EventBridge form, a Scheduled Event sent to
     # the same Lambda handler) removes both blocks and exactly their entries.
