@@ -109,8 +109,10 @@ def block(
             return
         rec = r.record
         if r.already:
-            out.print(f"{rec.cidr} is already blocked (by {rec.by}, until "
-                      f"{rec.as_dict()['expires'] or 'unblocked'}): nothing changed")
+            until = rec.as_dict()["expires"] or "unblocked"
+            out.print(f"{rec.cidr} is already blocked (by {rec.by}); "
+                      + (f"expiry extended to {until}" if r.extended
+                         else f"until {until}: nothing changed"))
             return
         out.print(f"blocked {rec.cidr} until {rec.as_dict()['expires'] or 'unblocked'}")
         for layer in r.layers:

@@ -33,12 +33,14 @@ class GuardRefused(RuntimeError):
 class BlockResult:
     record: BlockRecord
     already: bool = False
+    extended: bool = False  # already blocked, and the new TTL ran longer: expiry moved out
     layers: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     alert_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.record.as_dict(), "already_blocked": self.already,
+                "expiry_extended": self.extended,
                 "layers": self.layers, "notes": self.notes, "alert_error": self.alert_error}
 
 
@@ -107,7 +109,7 @@ class Guard:
         try:
             self.registry.claim(record)
         except AlreadyBlocked as e:
-            return BlockResult(e.record, already=True)
+            return self._extend(e.record, record.expires)
         try:
             slots = self._plan(net, acls)
             for scope in self.waf.scopes:
@@ -131,6 +133,16 @@ class Guard:
         result.alert_error = publish(self.aws, self.alerts_arn, "Guard Block Added",
                                      record.as_dict())
         return result
+
+    def _extend(self, existing: BlockRecord, expires: float | None) -> BlockResult:
+        """A repeat of an ongoing attack keeps the block up at least as long as it asks for;
+        the entries are untouched and nothing is published (it is the same block)."""
+        later = existing.expires is not None and (expires is None or expires > existing.expires)
+        if existing.state != "active" or not later:
+            return BlockResult(existing, already=True)
+        existing.expires = expires
+        self.registry.save(existing)
+        return BlockResult(existing, already=True, extended=True)
 
     def _plan(self, net: Network, acls: dict[str, list[str]]) -> list[nacl.NaclSlot]:
         slots = []

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,7 +59,12 @@ def test_block_unblock_list_round_trip_ipv4_and_ipv6(aws: AwsTarget, tmp_path) -
 
     # A second block of the same address changes nothing.
     again = g.block("203.0.113.7/32", 60, "again")
-    assert again.already and len(_denies(net, net.shared_acl)) == 4
+    assert again.already and not again.extended and len(_denies(net, net.shared_acl)) == 4
+    # ... except that a longer TTL keeps the block up longer (a continuing attack).
+    longer = g.block("203.0.113.7", 7200, "again")
+    assert longer.extended and longer.record.reason == "ssh brute force"
+    assert g.registry.get("203.0.113.7/32").expires == pytest.approx(time.time() + 7200, abs=5)
+    assert len(_denies(net, net.shared_acl)) == 4
 
     g.unblock("203.0.113.7")
     g.unblock("2001:db8:dead::/48")
