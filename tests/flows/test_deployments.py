@@ -182,7 +182,8 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
     shown = _cli(["deploy"], {**stack["env"], "COLUMNS": "250"})
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
-    assert "registered 3 deployments" in text
+    assert "registered 4 deployments" in text
+    assert "guard-sweep/every-5-min cron */5 * * * * UTC" in text
     assert "cron 0 2 * * * UTC" in text and "event s3.object.created" in text
     assert min(r.expected_start_time for r in scheduled).isoformat()[:16] in text
 
