@@ -50,6 +50,12 @@ class BlockRecord:
     state: str = PENDING
     source: str = "cli"
     placements: list[dict[str, Any]] = field(default_factory=list)
+    # While pending: until when the claimer may still be working on it (then it is abandoned).
+    lease_until: float = 0.0
+
+    @property
+    def abandoned(self) -> bool:
+        return self.state == PENDING and self.lease_until < time.time()
 
     @property
     def expired(self) -> bool:
@@ -63,11 +69,11 @@ class BlockRecord:
                 "state": self.state, "created": iso(self.created),
                 "expires": iso(self.expires), "placements": self.placements}
 
-    def _item(self, lease_until: float) -> dict[str, Any]:
+    def _item(self) -> dict[str, Any]:
         item = {"pk": {"S": f"block#{self.cidr}"}, "kind": {"S": "block"},
                 "cidr": {"S": self.cidr}, "reason": {"S": self.reason}, "by": {"S": self.by},
                 "source": {"S": self.source}, "created": {"N": f"{self.created:.3f}"},
-                "state": {"S": self.state}, "lease_until": {"N": f"{lease_until:.3f}"},
+                "state": {"S": self.state}, "lease_until": {"N": f"{self.lease_until:.3f}"},
                 "placements": {"S": json.dumps(self.placements)}}
         if self.expires is not None:
             item["expires"] = {"N": f"{self.expires:.3f}"}
@@ -79,7 +85,8 @@ class BlockRecord:
                    created=float(item["created"]["N"]),
                    expires=float(item["expires"]["N"]) if "expires" in item else None,
                    state=item["state"]["S"], source=item["source"]["S"],
-                   placements=json.loads(item["placements"]["S"]))
+                   placements=json.loads(item["placements"]["S"]),
+                   lease_until=float(item.get("lease_until", {"N": "0"})["N"]))
 
 
 class Registry:
@@ -115,8 +122,9 @@ class Registry:
         A pending claim whose holder died (its lease ran out) may be taken over.
         """
         now = time.time()
+        record.lease_until = now + lease_s
         try:
-            self._call("put_item", Item=record._item(now + lease_s),
+            self._call("put_item", Item=record._item(),
                        ConditionExpression="attribute_not_exists(pk) OR "
                                            "(#s = :pending AND lease_until < :now)",
                        ExpressionAttributeNames={"#s": "state"},
@@ -128,12 +136,17 @@ class Registry:
             existing = self.get(record.cidr)
             raise AlreadyBlocked(existing or record) from None
 
+    def progress(self, record: BlockRecord) -> None:
+        """Record each placement as it is made: a claimer that dies mid-way leaves a pending
+        item that lists exactly what to take back (the sweep does, once the lease is over)."""
+        self._call("put_item", Item=record._item())
+
     def activate(self, record: BlockRecord) -> None:
-        record.state = ACTIVE
-        self._call("put_item", Item=record._item(0.0))
+        record.state, record.lease_until = ACTIVE, 0.0
+        self._call("put_item", Item=record._item())
 
     def save(self, record: BlockRecord) -> None:
-        self._call("put_item", Item=record._item(0.0))
+        self._call("put_item", Item=record._item())
 
     def release(self, cidr: str) -> None:
         self._call("delete_item", Key={"pk": {"S": f"block#{cidr}"}})

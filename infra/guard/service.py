@@ -119,11 +119,17 @@ class Guard:
             raise
         result = BlockResult(record)
         try:
+            # Write-ahead: each placement is recorded before it is made, so whatever a dead
+            # blocker left is listed (removing an entry that was never made is a no-op).
             for slot in slots:
+                record.placements.append(slot.placement(acls[slot.acl_id]))
+                self.registry.progress(record)
                 placed = nacl.place(self.ec2, slot, net, self.cfg.nacl)
-                record.placements.append(placed.placement(acls[placed.acl_id]))
+                record.placements[-1] = placed.placement(acls[placed.acl_id])
             for scope in self.waf.scopes:
-                record.placements.append(self.waf.add(scope, net))
+                record.placements.append(self.waf.placement(scope, net))
+                self.registry.progress(record)
+                self.waf.add(scope, net)
         except Exception:
             self._take_back(record, net)
             self.registry.release(record.cidr)
@@ -197,9 +203,17 @@ class Guard:
         return self.registry.blocks()
 
     def sweep(self) -> list[BlockResult]:
-        """Unblock every active block whose expiry has passed."""
-        return [self.unblock(r.cidr, by="clusterflow guard sweep", reason="expired")
-                for r in self.registry.blocks() if r.state == "active" and r.expired]
+        """Unblock every active block whose expiry has passed, and take back what a block
+        that died half-way (pending, its lease over) had placed."""
+        done = []
+        for r in self.registry.blocks():
+            if r.state == "active" and r.expired:
+                done.append(self.unblock(r.cidr, by="clusterflow guard sweep",
+                                         reason="expired"))
+            elif r.abandoned:
+                done.append(self.unblock(r.cidr, by="clusterflow guard sweep",
+                                         reason="abandoned half-way (the blocker died)"))
+        return done
 
     # security groups
     def audit(self) -> list[security_groups.OpenRule]:

@@ -1,8 +1,10 @@
 """WAF IP sets, referenced by one block rule in each configured web ACL.
 
 One IP set per scope and IP version (WAF IP sets hold one version each), shared by every web
-ACL of that scope: ``<prefix>-v4`` and ``<prefix>-v6``. Each web ACL gets one rule,
-``<prefix>-block``, that blocks a request whose address is in either set. Which address:
+ACL of that scope: ``<prefix>-v4`` and ``<prefix>-v6``. The guard owns them: every address in
+them belongs to one block in the registry (add addresses with ``guard block``, not by hand).
+Each web ACL gets one rule, ``<prefix>-block``, that blocks a request whose address is in
+either set. Which address:
 
 * a CLOUDFRONT web ACL is evaluated by CloudFront itself and sees the viewer's address;
 * a REGIONAL web ACL on an ALB that clients reach directly sees the client's address;
@@ -172,17 +174,16 @@ class Waf:
                     raise
         raise WafRefused(f"IP set {summary['Name']} ({scope}) kept changing under us; try again")
 
-    def add(self, scope: str, net: Network) -> dict[str, Any]:
-        added = self._update(scope, net, add=True)
+    def placement(self, scope: str, net: Network) -> dict[str, Any]:
         refs = [w for w in self.cfg.web_acls if w.scope == scope]
         return {"layer": "waf", "scope": scope, "region": self.region(scope),
-                "ip_set": self.cfg.ip_set_name(net.version), "added": added,
-                "web_acls": [w.name for w in refs]}
+                "ip_set": self.cfg.ip_set_name(net.version), "web_acls": [w.name for w in refs]}
+
+    def add(self, scope: str, net: Network) -> bool:
+        return self._update(scope, net, add=True)
 
     def remove(self, placement: dict[str, Any], net: Network) -> str:
-        if not placement.get("added", True):
-            return (f"IP set {placement['ip_set']} ({placement['scope']}) held {net} before the "
-                    "guard's block; left alone")
+        """The guard owns its IP sets: an address in one is there for its registry item."""
         removed = self._update(placement["scope"], net, add=False)
         return (f"IP set {placement['ip_set']} ({placement['scope']}): "
                 f"{'removed' if removed else 'was already gone'}")

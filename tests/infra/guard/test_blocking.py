@@ -197,3 +197,45 @@ def test_cli_block_list_unblock(aws, tmp_path) -> None:
     assert json.loads(cli("list", "--json").stdout)["blocks"] == []
     bad = cli("block", "203.0.113.99/24")
     assert bad.returncode == 2 and "did you mean 203.0.113.0/24" in bad.stderr
+
+
+class _Died(BaseException):
+    """The blocking process is killed mid-way (nothing in it gets to clean up)."""
+
+
+def test_a_failed_block_takes_back_its_entries_and_a_dead_one_is_swept(aws, tmp_path) -> None:
+    net = make_net(aws, tmp_path)
+    g = Guard(net.aws, net.cfg)
+    g.init()
+    before = {acl: net.entries(acl) for acl in (net.shared_acl, net.own_acl)}
+    real_add = g.waf.add
+
+    def failing_add(scope, address):
+        if scope == "REGIONAL":
+            raise RuntimeError("WAF is down")
+        return real_add(scope, address)
+
+    g.waf.add = failing_add  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="WAF is down"):
+        g.block("203.0.113.80", 60, "x")
+    assert {acl: net.entries(acl) for acl in before} == before
+    assert net.addresses("CLOUDFRONT", 4) == [] and g.blocks() == []
+
+    def dying_add(scope, address):
+        real_add(scope, address)
+        raise _Died
+
+    g.waf.add = dying_add  # type: ignore[method-assign]
+    with pytest.raises(_Died):
+        g.block("203.0.113.81", 60, "x")
+    [pending] = g.blocks()
+    assert pending.state == "pending" and len(pending.placements) == 5  # 4 NACL + 1 WAF
+    g.waf.add = real_add  # type: ignore[method-assign]
+    assert g.block("203.0.113.81", 60, "again").already  # its claimer may still be at work
+    assert g.sweep() == []  # ... until its lease runs out
+    pending.lease_until = time.time() - 1
+    g.registry.progress(pending)
+    [swept] = g.sweep()
+    assert swept.record.cidr == "203.0.113.81/32" and g.blocks() == []
+    assert {acl: net.entries(acl) for acl in before} == before
+    assert net.addresses("CLOUDFRONT", 4) == [] and net.addresses("REGIONAL", 4) == []
