@@ -139,6 +139,7 @@ def _mount() -> None:
     from flows.local_cli import register as register_deploy
     from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
+    from infra.guard.cli import guard_app
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage
 
@@ -149,6 +150,7 @@ def _mount() -> None:
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
     app.add_typer(ha_app, name="ha")  # drill ...
+    app.add_typer(guard_app, name="guard")  # block | unblock | list | audit | lockdown | sweep
 
 
 _mount()
