@@ -22,7 +22,8 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
 from infra.aws.clients import AwsTarget
-from infra.staging.stager import StageOptions, Stager
+from infra.staging.model import StageOptions
+from infra.staging.stager import Stager
 
 
 def _cache_dir(cache_dir: str | None) -> Path:

@@ -26,7 +26,8 @@ from rich.progress import Progress as RichProgress
 
 from infra.aws.clients import AwsConfigError
 from infra.staging.locations import StageError, UnsafeKeyError, human_bytes, parse_location
-from infra.staging.stager import Progress, StageOptions, Stager
+from infra.staging.model import Progress, StageOptions
+from infra.staging.stager import Stager
 
 err = Console(stderr=True)
 PROGRESS_AFTER_S = 2.0
