@@ -8,7 +8,6 @@ run's ``.cfpart`` files are found and removed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from infra.staging.locations import (
+    OutsideLinkError,
     S3Location,
     StageError,
     check_relative_key,
@@ -90,12 +90,23 @@ def refuse_file_dir_clashes(entries: list[Entry], uri: str) -> None:
                     "filesystem cannot hold both, so nothing was staged")
 
 
-def walk_local(root: Path) -> list[Entry]:
+def walk_local(root: Path, follow_links: bool = False,
+               skipped: list[dict[str, str]] | None = None) -> list[Entry]:
+    """The regular files under ``root``; everything else is left out and reported.
+
+    A symlink to a file inside the tree is staged as that file. A symlink that resolves outside
+    the tree refuses the whole transfer unless ``follow_links`` (a link to ``/etc/passwd``
+    would otherwise upload it), naming every such link. Links to directories (followed, with
+    loops cut, only with ``follow_links``), dangling links, and sockets, FIFOs and devices are
+    appended to ``skipped`` as ``{"path", "reason"}``, so a report can say what was not staged.
+    """
     if not root.exists():
         raise StageError(f"{root} does not exist")
     if not root.is_dir():
         raise StageError(f"{root} is not a directory (stage a folder, not a file)")
-    out: list[Entry] = []
+    real_root = os.path.realpath(root)
+    left_out = skipped if skipped is not None else []
+    outside: list[str] = []
 
     def walk(folder: Path, prefix: str) -> Iterator[Entry]:
         try:
@@ -107,24 +118,79 @@ def walk_local(root: Path) -> list[Entry]:
                 rel = prefix + d.name
                 if d.name.endswith(PART_SUFFIX) and d.name.startswith("."):
                     continue
+                if d.is_symlink():
+                    yield from link(d, rel, folder)
+                    continue
                 if d.is_dir(follow_symlinks=False):
                     yield from walk(Path(d.path), rel + "/")
                     continue
                 try:
-                    st = d.stat(follow_symlinks=True)
-                except OSError:
-                    continue  # a dangling symlink
+                    st = d.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted since it was listed: not part of the tree any more
                 if not stat.S_ISREG(st.st_mode):
+                    left_out.append({"path": rel, "reason": f"not a regular file "
+                                     f"({_kind(st.st_mode)})"})
                     continue
                 check_relative_key(rel, rel)
                 yield Entry(rel, st.st_size, str(st.st_mtime_ns), st.st_mtime_ns)
 
-    out.extend(walk(root, ""))
+    def link(d: os.DirEntry[str], rel: str, folder: Path) -> Iterator[Entry]:
+        target = os.readlink(d.path)
+        real = os.path.realpath(d.path)
+        try:
+            st = os.stat(d.path)
+        except OSError:
+            left_out.append({"path": rel, "reason": f"dangling symlink (-> {target})"})
+            return
+        if not _within(real, real_root) and not follow_links:
+            outside.append(f"{rel!r} -> {target}")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if not follow_links:
+                left_out.append({"path": rel, "reason": f"symlink to a directory (-> {target}); "
+                                 "pass --follow-links to stage what it holds"})
+            elif _within(os.path.realpath(folder), real):  # it leads back up: a loop
+                left_out.append({"path": rel, "reason": f"symlink loop (-> {target})"})
+            else:
+                yield from walk(Path(d.path), rel + "/")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            left_out.append({"path": rel, "reason": f"symlink to a {_kind(st.st_mode)} "
+                             f"(-> {target})"})
+            return
+        check_relative_key(rel, rel)
+        yield Entry(rel, st.st_size, str(st.st_mtime_ns), st.st_mtime_ns)
+
+    out = list(walk(root, ""))
+    if outside:
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        raise OutsideLinkError(
+            f"refusing to stage {root}: {len(outside)} symlink(s) point outside it "
+            f"({', '.join(outside[:5])}{more}); nothing was staged. Remove them, or pass "
+            "--follow-links to upload what they point to")
     return out
 
 
-def scan_destination(root: Path, rels: set[str]) -> dict[str, Any]:
-    """Stat what is already there, one scandir per source folder; clear dead runs' parts."""
+def _within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def scan_destination(root: Path, rels: set[str], removed: list[Path] | None = None,
+                     ) -> dict[str, Any]:
+    """Stat what is already there, one scandir per source folder; clear dead runs' parts
+    (appended to ``removed``)."""
     folders: dict[str, set[str]] = {}
     for rel in rels:
         parent, _, name = rel.rpartition("/")
@@ -141,7 +207,8 @@ def scan_destination(root: Path, rels: set[str]) -> dict[str, Any]:
         with it:
             for d in it:
                 if d.name.endswith(PART_SUFFIX) and d.name.startswith("."):
-                    remove_dead_part(Path(d.path))
+                    if remove_dead_part(Path(d.path)) and removed is not None:
+                        removed.append(Path(d.path))
                     continue
                 if d.name not in names:
                     continue
@@ -157,19 +224,25 @@ def scan_destination(root: Path, rels: set[str]) -> dict[str, Any]:
     return found
 
 
-def remove_dead_part(path: Path) -> None:
-    """A ``.name.<pid>.<rand>.cfpart`` whose writer is gone is garbage; a live one is not ours."""
+def remove_dead_part(path: Path) -> bool:
+    """A ``.name.<pid>.<rand>.cfpart`` whose writer is gone is garbage; a live one is not ours.
+
+    True when ``path`` was removed.
+    """
     try:
         pid = int(path.name[: -len(PART_SUFFIX)].rsplit(".", 2)[-2])
     except (ValueError, IndexError):
-        return
+        return False
     if pid != os.getpid():
         try:
             os.kill(pid, 0)
-            return  # still running: another stager is writing here
+            return False  # still running: another stager is writing here
         except ProcessLookupError:
             pass
         except PermissionError:
-            return
-    with contextlib.suppress(OSError):
+            return False
+    try:
         path.unlink()
+    except OSError:
+        return False
+    return True

@@ -27,6 +27,10 @@ class UnsafeKeyError(StageError):
     """A source key would land outside the destination (or nowhere sensible)."""
 
 
+class OutsideLinkError(StageError):
+    """A symlink in a local source tree points outside it (refused unless links are followed)."""
+
+
 class DestinationError(StageError):
     """The destination cannot take the data: no space, no permission, a file in the way."""
 

@@ -35,6 +35,8 @@ class StageOptions(BaseModel):
     check_space: bool = Field(True, description="refuse up front when the bytes cannot fit")
     fsync: bool = Field(True, description="fsync each file before it gets its final name")
     sha256: bool = Field(False, description="record every file's SHA-256 even when not needed")
+    follow_links: bool = Field(False, description="follow symlinks that leave a local source "
+                               "tree, and links to directories (else refused / left out)")
 
 
 @dataclass
@@ -63,8 +65,22 @@ class StageReport:
     seconds: float = 0.0
     manifest_digest: str = ""
     unverified: list[str] = field(default_factory=list)
+    # Source entries that were not staged and why (links to directories, dangling links,
+    # special files); they count in ``skipped`` next to the unchanged files.
+    skipped_entries: list[dict[str, str]] = field(default_factory=list)
     checks: dict[str, int] = field(default_factory=dict)
+    # Leftovers of killed runs this run removed: part files in the destination (downloads)
+    # and multipart uploads a journal named (uploads); and open uploads still under the
+    # destination prefix that no journal of ours names (another tool's, or a running stage's).
+    reclaimed_parts: int = 0
+    reclaimed_uploads: int = 0
+    incomplete_uploads: list[str] = field(default_factory=list)
     records: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def unchanged(self) -> int:
+        """Files left alone because the destination already held them."""
+        return self.skipped - len(self.skipped_entries)
 
     def summary(self) -> dict[str, Any]:
         """The ``--json`` shape."""
@@ -75,6 +91,10 @@ class StageReport:
             "verified_in_place": self.verified_in_place, "seconds": round(self.seconds, 3),
             "manifest_digest": self.manifest_digest, "checks": dict(sorted(self.checks.items())),
             "unverified": len(self.unverified), "unverified_examples": self.unverified[:20],
+            "skipped_entries": list(self.skipped_entries),
+            "reclaimed": {"part_files": self.reclaimed_parts,
+                          "multipart_uploads": self.reclaimed_uploads},
+            "incomplete_uploads": len(self.incomplete_uploads),
         }
 
 

@@ -57,16 +57,20 @@ from infra.staging.model import (
     Watcher,
     entries_digest,
 )
+from infra.staging.reclaim import UploadJournal, incomplete_uploads, reclaim
 from infra.staging.upload import upload_file, verify_upload
 
 
 class Stager:
     def __init__(self, aws: AwsTarget, options: StageOptions | None = None,
-                 cache_dir: Path | None = None, watcher: Watcher | None = None) -> None:
+                 cache_dir: Path | None = None, watcher: Watcher | None = None,
+                 journal_dir: Path | None = None) -> None:
         self.aws = aws
         self.options = options or StageOptions()
         self.cache_dir = cache_dir
         self.watcher = watcher
+        # Where uploads journal their multipart upload ids (see infra.staging.reclaim).
+        self.journal_dir = journal_dir or (cache_dir / "uploads" if cache_dir else None)
         self._s3: Any = None
 
     @property
@@ -77,11 +81,16 @@ class Stager:
         return self._s3
 
     # ------------------------------------------------------------------ planning
-    def list_source(self, loc: Location) -> list[Entry]:
-        """The source's files, each key checked; directory markers are dropped."""
+    def list_source(self, loc: Location, skipped: list[dict[str, str]] | None = None,
+                    ) -> list[Entry]:
+        """The source's files, each key checked; directory markers are dropped.
+
+        Local entries that are not staged (see :func:`~infra.staging.listing.walk_local`) are
+        appended to ``skipped`` with their reason.
+        """
         if isinstance(loc, S3Location):
             return self._list_s3(loc, check=True)
-        return walk_local(loc.root)
+        return walk_local(loc.root, self.options.follow_links, skipped)
 
     def _list_s3(self, loc: S3Location, check: bool) -> list[Entry]:
         return s3_entries(self.s3, loc, check, self.options.concurrency)
@@ -146,11 +155,13 @@ class Stager:
 
     def _begin(self, s: Location, d: Location) -> tuple[list[Entry], StageReport]:
         """The source's entries (refused if empty) and a report that counts them."""
-        entries = self.list_source(s)
+        left_out: list[dict[str, str]] = []
+        entries = self.list_source(s, left_out)
         self._refuse_empty(entries, s)
         return entries, StageReport(src=s.uri, dst=d.uri, files=len(entries),
                                     bytes_total=sum(e.size for e in entries),
-                                    manifest_digest=entries_digest(entries))
+                                    manifest_digest=entries_digest(entries),
+                                    skipped=len(left_out), skipped_entries=left_out)
 
     def _refuse_empty(self, entries: list[Entry], s: Location) -> None:
         if not entries and not self.options.allow_empty:
@@ -166,7 +177,9 @@ class Stager:
         root.prepare()
         cache = self._cache(s, d)
         old = cache.load() if cache else {}
-        local = scan_destination(d.root, {e.rel for e in entries})
+        removed: list[Path] = []
+        local = scan_destination(d.root, {e.rel for e in entries}, removed)
+        report.reclaimed_parts = len(removed)
         skip, verify, copy = [], [], []
         for e in entries:
             st = local.get(e.rel)
@@ -193,7 +206,7 @@ class Stager:
                     f"{human_bytes(needed)}, {human_bytes(free)} is free; nothing was staged. "
                     "Free some space or stage to another filesystem")
         records = {e.rel: old[e.rel] for e in skip}
-        report.skipped = len(skip)
+        report.skipped += len(skip)
         report.bytes_skipped = sum(e.size for e in skip)
         progress = Progress(files_total=len(copy) + len(verify), bytes_total=needed)
         jobs: list[tuple[Job, Entry]] = (
@@ -207,6 +220,7 @@ class Stager:
         if not s.root.is_dir():
             raise StageError(f"{s.root} is not a directory (stage a folder, not a file)")
         entries, report = self._begin(s, d)
+        report.reclaimed_uploads = reclaim(self.s3, self.journal_dir, self.aws.endpoint_url)
         remote = {e.rel: e for e in self._list_s3(d, check=False)}
         cache = self._cache(s, d)
         old = cache.load() if cache else {}
@@ -223,14 +237,25 @@ class Stager:
             else:
                 copy.append(e)
         records = {e.rel: old[e.rel] for e in skip}
-        report.skipped = len(skip)
+        report.skipped += len(skip)
         report.bytes_skipped = sum(e.size for e in skip)
         progress = Progress(files_total=len(copy) + len(verify),
                             bytes_total=sum(e.size for e in copy))
         jobs: list[tuple[Job, Entry]] = (
             [(verify_upload, e) for e in verify] + [(upload_file, e) for e in copy])
         ctx = self._run(progress, records, report, cache, downloading=False)
-        ctx.execute(jobs, s=s, d=d)
+        journal = UploadJournal(self.journal_dir, self.aws.endpoint_url) if (
+            self.journal_dir and jobs) else None
+        if journal:
+            journal.attach(self.s3)
+        try:
+            ctx.execute(jobs, s=s, d=d)
+        finally:
+            # The run's own uploads are all completed or aborted by now (s3transfer aborts on
+            # failure and on cancel); only a killed process leaves its journal behind.
+            if journal:
+                journal.close()
+        report.incomplete_uploads = incomplete_uploads(self.s3, d.bucket, d.prefix)
         return report
 
     # ------------------------------------------------------------------ helpers

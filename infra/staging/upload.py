@@ -2,8 +2,10 @@
 
 Small files are one PUT carrying their SHA-256; large ones go through s3transfer's multipart
 upload with per-part CRC32s, and the stored object's checksum is compared afterwards with the
-one computed here. A same-size object that is already there is proved equal by checksum
-instead of being uploaded again.
+one computed here. Either way the bytes sent are the bytes hashed: a small file is read once
+into memory, a large one is read through :class:`~infra.staging.verify.VerifiedSource`, so a
+file rewritten during its upload fails it and leaves no object behind. A same-size object
+that is already there is proved equal by checksum instead of being uploaded again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from infra.staging.execution import Run, TransferProgress
 from infra.staging.locations import LocalLocation, S3Location, StageError, client_error
 from infra.staging.model import Entry
 from infra.staging.objects import IntegrityError
-from infra.staging.verify import b64, check_fields, checks_for, head_object, same_file
+from infra.staging.verify import (
+    VerifiedSource,
+    b64,
+    check_fields,
+    checks_for,
+    head_object,
+    open_source,
+    same_file,
+    source_changed,
+)
 
 
 def upload_file(run: Run, e: Entry, s: LocalLocation, d: S3Location) -> None:
@@ -31,7 +42,8 @@ def upload_file(run: Run, e: Entry, s: LocalLocation, d: S3Location) -> None:
     key = d.key(e.rel)
     try:
         if e.size <= run.options.small_object_limit:
-            data = path.read_bytes()
+            with open_source(path) as f:
+                data = f.read()
             hasher = MultiHasher([], ("sha256",))
             hasher.update(data)
             same_file(path, e, len(data))
@@ -55,9 +67,19 @@ def upload_file(run: Run, e: Entry, s: LocalLocation, d: S3Location) -> None:
             same_file(path, e, hasher.size)
             extra = {"ChecksumAlgorithm": "CRC32",
                      "Metadata": {"sha256": hasher.hexdigest("sha256")}}
-            future = run.manager.upload(str(path), d.bucket, key, extra_args=extra,
-                                        subscribers=[TransferProgress(run.progress, e.size)])
-            run.result(future, f"uploading to s3://{d.bucket}/{key}")
+            # Sent through a VerifiedSource: if the file is rewritten from here on, the
+            # transfer fails before the object exists (a multipart upload is aborted).
+            with VerifiedSource(path, e.size, hasher.hexdigest("sha256"),
+                                f"s3://{d.bucket}/{key}") as body:
+                future = run.manager.upload(body, d.bucket, key, extra_args=extra,
+                                            subscribers=[TransferProgress(run.progress, e.size)])
+                try:
+                    run.result(future, f"uploading to s3://{d.bucket}/{key}")
+                except Exception as err:
+                    changed = source_changed(err)
+                    if changed is None:
+                        raise
+                    raise changed from None
             head = head_object(run.s3, d.bucket, key)
             # This proves what is stored now is what we hashed (and catches a concurrent
             # writer to the key): size, and the CRC32 S3 holds, composite or full.
