@@ -263,10 +263,12 @@ from infra.staging import verify
 from infra.staging.model import StageOptions
 from infra.staging.stager import Stager
 
-src, uri, journal = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+src, uri, journal, sig = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+# as `clusterflow stage` does: SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C
+signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 class Killing:
-    # After the upload is journaled and its first part read: die as SIGKILL does.
+    # After the upload is journaled and its first part read, the signal arrives.
     def __init__(self, p):
         self.f, self.n = p.open("rb"), 0
     def read(self, n=-1):
@@ -275,7 +277,7 @@ class Killing:
             deadline = time.monotonic() + 30
             while not any(journal.glob("*.jsonl")) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
         return self.f.read(n)
     def seek(self, *a): return self.f.seek(*a)
     def tell(self): return self.f.tell()
@@ -283,9 +285,30 @@ class Killing:
 
 verify.open_source = Killing
 aws = AwsTarget(region="us-east-1", endpoint_url=os.environ["AWS_ENDPOINT_URL"], embedded=True)
-Stager(aws, StageOptions(small_object_limit=1 << 20, multipart_threshold=5 << 20,
-                         multipart_chunksize=5 << 20), journal_dir=journal).stage(str(src), uri)
+try:
+    Stager(aws, StageOptions(small_object_limit=1 << 20, multipart_threshold=5 << 20,
+                             multipart_chunksize=5 << 20), journal_dir=journal).stage(str(src), uri)
+except KeyboardInterrupt:
+    sys.exit(130)
 """
+
+
+def _killed_upload(src: Path, uri: str, journal: Path, url: str, sig: int) -> int:
+    env = {**os.environ, "AWS_ENDPOINT_URL": url}
+    p = subprocess.run([sys.executable, "-c", _KILLED_UPLOAD, str(src), uri, str(journal),
+                        str(int(sig))], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    return p.returncode
+
+
+def test_sigterm_mid_upload_aborts_its_multipart_upload(aws, bucket, tmp_path, moto_server):
+    src, journal = tmp_path / "src", tmp_path / "journal"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(16 * MiB))
+    rc = _killed_upload(src, f"s3://{bucket}/t", journal, moto_server.url, signal.SIGTERM)
+    assert rc == 130
+    assert _open_uploads(aws, bucket) == [] and _head(aws, bucket, "t/big.bin") is None
+    assert list(journal.glob("*.jsonl")) == []  # nothing left for a next run to reclaim
 
 
 def test_a_killed_upload_is_reclaimed_by_the_next_run(aws, bucket, tmp_path, moto_server):
@@ -295,10 +318,8 @@ def test_a_killed_upload_is_reclaimed_by_the_next_run(aws, bucket, tmp_path, mot
     uri = f"s3://{bucket}/k"
     # someone else's open upload under the same prefix: reported, never aborted by us
     foreign = aws.client("s3").create_multipart_upload(Bucket=bucket, Key="k/other.bin")
-    env = {**os.environ, "AWS_ENDPOINT_URL": moto_server.url}
-    p = subprocess.run([sys.executable, "-c", _KILLED_UPLOAD, str(src), uri, str(journal)],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == -signal.SIGKILL, p.stderr
+    rc = _killed_upload(src, uri, journal, moto_server.url, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
     assert sorted(_open_uploads(aws, bucket, "k/")) == ["k/big.bin", "k/other.bin"]
     assert len(list(journal.glob("*.jsonl"))) == 1
 
