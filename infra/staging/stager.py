@@ -13,17 +13,19 @@ One ``Stager.stage(src, dst)`` call moves a whole prefix/tree, either direction:
   hashed while streamed); large or multipart ones go through s3transfer's TransferManager
   (ranged GETs, multipart uploads with per-part checksums and a full-object CRC32 S3 verifies).
 * **Verify everything.** Downloads are checked against every checksum the object carries
-  (:mod:`infra.staging.checksums`); uploads hand S3 a checksum it verifies on receipt. A
-  mismatch fails the transfer and the bad bytes never reach the final name.
+  (:mod:`infra.staging.checksums`); uploads hand S3 a checksum it verifies on receipt and
+  send exactly the bytes they hashed (a file rewritten mid-upload fails before its object
+  exists). A mismatch fails the transfer and the bad bytes never reach the final name.
 * **Never expose partial files.** Each download is written to ``.<name>.<pid>.<rand>.cfpart``
   in the target folder, fsync'ed, and renamed into place. Leftovers of a killed run are removed
-  by the next one.
+  by the next one: its ``.cfpart`` files, and its multipart uploads (:mod:`infra.staging.reclaim`).
 
 This module plans (what to skip, prove in place, or move); the rest lives next to it:
 :mod:`~infra.staging.listing` (listing both sides), :mod:`~infra.staging.execution` (the pool,
 journal and abort), :mod:`~infra.staging.download` and :mod:`~infra.staging.upload` (one file
 each way), :mod:`~infra.staging.verify` (what a file is checked against), and
-:mod:`~infra.staging.model` (options, entries, the report).
+:mod:`~infra.staging.model` (options, entries, the report), :mod:`~infra.staging.reclaim` (what
+a killed upload leaves in S3).
 """
 
 from __future__ import annotations

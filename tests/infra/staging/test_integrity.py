@@ -356,3 +356,18 @@ def test_buckets_clusterflow_creates_abort_incomplete_multipart_uploads(aws, buc
     rules = aws.client("s3").get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert [r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] for r in rules
             if r["Status"] == "Enabled" and "AbortIncompleteMultipartUpload" in r] == [7]
+
+
+def test_a_killed_manifest_rewrite_is_removed_by_the_next_run(aws, bucket, tmp_path):
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    src.mkdir()
+    (src / "a.txt").write_text("a")
+    Stager(aws, cache_dir=cache).stage(str(src), f"s3://{bucket}/m")
+    (manifest,) = cache.glob("*.jsonl")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = cache / f".{manifest.name}.{dead.pid}.tmp"
+    stale.write_text("half a rewrite")
+    (src / "b.txt").write_text("b")
+    r = Stager(aws, cache_dir=cache).stage(str(src), f"s3://{bucket}/m")
+    assert r.copied == 1 and not stale.exists()
