@@ -27,6 +27,10 @@ class UnsafeKeyError(StageError):
     """A source key would land outside the destination (or nowhere sensible)."""
 
 
+class IntegrityError(StageError):
+    """Data did not match its checksum; nothing was left under the final name."""
+
+
 class OutsideLinkError(StageError):
     """A symlink in a local source tree points outside it (refused unless links are followed)."""
 

@@ -25,17 +25,13 @@ from botocore.exceptions import ClientError
 
 from infra.aws.clients import AwsTarget
 from infra.staging.listing import PART_SUFFIX, remove_dead_part
-from infra.staging.locations import StageError
+from infra.staging.locations import IntegrityError
 from infra.staging.verify import VerifiedSource, source_changed
 
 CHUNK = 1 << 20
 # Below the threshold one PUT carries a full-object SHA-256; above it S3 keeps a composite
 # checksum ("...-N"), which readers verify by hashing the stream instead.
 TRANSFER = TransferConfig(multipart_threshold=64 * CHUNK, multipart_chunksize=16 * CHUNK)
-
-
-class IntegrityError(StageError):
-    """Data did not match its checksum; nothing was left under the final name."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from infra.staging.checksums import (
     part_sizes_of,
     parts_count,
 )
-from infra.staging.locations import StageError, client_error
+from infra.staging.locations import IntegrityError, StageError, client_error
 from infra.staging.model import Entry
 
 
@@ -72,7 +72,7 @@ def same_file(path: Path, e: Entry, size: int) -> None:
         raise StageError(f"{path} changed while it was being staged; re-run once it is stable")
 
 
-class SourceChangedError(StageError):
+class SourceChangedError(IntegrityError):
     """A file's bytes changed while they were uploaded; the object was not written."""
 
 

@@ -180,7 +180,7 @@ def test_cli_reports_a_changed_file_and_a_corrupt_object_in_one_line(
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "do not match the object's checksum" in r.output
     assert not (tmp_path / "d" / "x.bin").exists()
-    assert issubclass(IntegrityError, StageError)
+    assert issubclass(SourceChangedError, IntegrityError) and issubclass(IntegrityError, StageError)
 
 
 # ------------------------------------------------------------------ symlinks in a source tree
