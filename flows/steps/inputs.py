@@ -127,7 +127,8 @@ def stage_s3(aws: AwsTarget, uri: str, dest: Path) -> Path:
     try:
         if key and not key.endswith("/"):
             return download(aws, bucket, key, dest / Path(key).name).path
-        from infra.staging.stager import StageOptions, Stager
+        from infra.staging.model import StageOptions
+        from infra.staging.stager import Stager
 
         Stager(aws, StageOptions()).stage(uri, str(dest))
         return dest
