@@ -17,7 +17,8 @@ from typing import Any
 
 from flows.steps.graph import InputRef
 from infra.aws.clients import AwsTarget
-from infra.staging.objects import IntegrityError, _b64_to_hex, download, sha256_file
+from infra.staging.locations import StageError
+from infra.staging.objects import _b64_to_hex, download, sha256_file
 
 
 class InputError(RuntimeError):
@@ -132,5 +133,5 @@ def stage_s3(aws: AwsTarget, uri: str, dest: Path) -> Path:
 
         Stager(aws, StageOptions()).stage(uri, str(dest))
         return dest
-    except IntegrityError as e:
+    except StageError as e:  # integrity, a missing prefix, an unsafe key: one line
         raise InputError(str(e)) from None
