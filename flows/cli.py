@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
@@ -58,25 +59,35 @@ def run(
         # Refuse a bad spec before anything starts.
         load_spec(spec, ranks=ranks, aws=aws, backend=backend)
     except SpecError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
 
     from flows import prefect_runtime
+    from flows.signals import exit_on_interrupt, terminate_like_interrupt
     from infra.aws.embedded import state_dir
 
-    prefect_runtime.configure(state_dir())
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    # SIGTERM/SIGHUP unwind like Ctrl-C and the temporary Prefect server is ours to stop:
+    # no process this run starts outlives it (the rest die with it even on SIGKILL).
+    with terminate_like_interrupt(), exit_on_interrupt(err), \
+            prefect_runtime.temporary_server(state_dir()) as server:
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows.pipeline import hpc_pipeline
+        from flows.pipeline import hpc_pipeline
 
-    try:
-        # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
-                                  backend=backend)
-    except Exception as e:  # the flow already logged the traceback through Prefect
-        err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        try:
+            if server is not None:
+                server.wait_ready()
+            # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
+                                      backend=backend)
+        except prefect_runtime.PrefectServerError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(1) from None
+        except Exception as e:  # the flow already logged the traceback through Prefect
+            err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {escape(str(e))}",
+                      highlight=False)
+            raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
