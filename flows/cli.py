@@ -26,21 +26,23 @@ def main() -> None:
 
 def _summary(result: dict[str, Any]) -> None:
     out = Console(soft_wrap=True)
-    out.print(f"[bold green]run {result['run_id']} succeeded[/] "
+    out.print(f"[bold green]run {escape(result['run_id'])} succeeded[/] "
               f"({result['kernel']} on {result['ranks']} ranks, backend {result['backend']}, "
-              f"{result['aws']})")
+              f"{escape(result['aws'])})")
     table = Table("stage", "seconds", box=None)
     for stage, secs in result["seconds"].items():
         table.add_row(stage, f"{secs:.2f}")
     table.add_row("[bold]total[/]", f"{sum(result['seconds'].values()):.2f}")
     out.print(table)
-    out.print(f"{result['result']:<17} sha256 {result['result_sha256']}")
-    out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)")
-    out.print(f"results           {result['s3']['results']}")
-    out.print(f"scratch           {result['scratch_dir']}")
+    plain = {"markup": False}  # paths, keys, names: the user's text, never rich markup
+    out.print(f"{result['result']:<17} sha256 {result['result_sha256']}", **plain)
+    out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)",
+              **plain)
+    out.print(f"results           {result['s3']['results']}", **plain)
+    out.print(f"scratch           {result['scratch_dir']}", **plain)
     for q, r in result["fanout"]["queues"].items():
         out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
-                  f"{r['verified']} verified")
+                  f"{r['verified']} verified", **plain)
 
 
 @app.command()
@@ -55,9 +57,11 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
+    from flows.run_preflight import check_before_start
+
     try:
-        # Refuse a bad spec before anything starts.
-        load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+        # Refuse a bad spec, and what cannot work with it, before anything starts.
+        check_before_start(load_spec(spec, ranks=ranks, aws=aws, backend=backend), spec)
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
