@@ -40,6 +40,7 @@ import psutil
 import typer
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
+from rich.markup import escape
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "libpmix-dev")
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sacct", "sinfo",
@@ -628,16 +629,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A real single-node Slurm on this machine (for the slurm backend).")
 
 StateDirOpt = Annotated[Path | None, typer.Option(
-    "--state-dir", help="Where config, keys, spool, logs and state live "
-    "[default: $CLUSTERFLOW_HOME/slurm].")]
+    "--state-dir", help="Where config, keys, spool, logs and state live.",
+    show_default="$CLUSTERFLOW_HOME/slurm")]  # typer renders it; "[...]" in help is markup
 
 
 @app.command()
 def up(
     state_dir: StateDirOpt = None,
     state_save_location: Annotated[Path | None, typer.Option(
-        help="slurmctld's StateSaveLocation (kept across ups once set) "
-        "[default: <state dir>/ctld-state].")] = None,
+        help="slurmctld's StateSaveLocation (kept across ups once set).",
+        show_default="<state dir>/ctld-state")] = None,
     install_missing: Annotated[bool, typer.Option(
         "--install/--no-install", help="apt-get install Slurm and munge when missing (root).",
     )] = True,
@@ -649,7 +650,7 @@ def up(
     try:
         done = cluster.up(install_missing=install_missing, timeout=timeout)
     except LocalSlurmError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     name, state = done["node"]
     what = ("already running" if not (done["started"] or done["restarted"]) else
