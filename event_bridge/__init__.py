@@ -10,7 +10,8 @@ topic it gets Lambda's SNS event. ``event_bridge.batch.sqs_batch_handler`` build
 handler from a per-record function, with per-record failures and idempotency;
 ``event_bridge.s3_events.parse_s3_events`` reads S3 object events in any envelope.
 
-Modules: ``fabric`` (the topology as data, ``fabric.yaml``), ``apply`` (idempotent apply),
+Modules: ``fabric`` (the topology as data, ``fabric.yaml``), ``apply`` (idempotent apply, its
+steps in ``ensure_queues``, ``ensure_topics``, ``ensure_rules``, ``ensure_storage``),
 ``show``, ``runtime`` (Lambda's SQS event-source semantics), ``sns_invoker`` (Lambda's async
 invocation from SNS), ``idempotency`` (DynamoDB dedup store), ``service`` (drain / consume),
 ``dlq``, ``replay``, ``run_events`` (the FIFO per-run topic), ``handlers`` (stock consumers),

@@ -116,7 +116,8 @@ def _emit(data: dict[str, Any]) -> None:
 def apply_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
               region: RegionOpt = None, as_json: JsonOpt = False) -> None:
     """Create or update every resource the fabric declares (idempotent: never duplicates)."""
-    from event_bridge.apply import PatternCheckFailed, apply_fabric
+    from event_bridge.apply import apply_fabric
+    from event_bridge.ensure_rules import PatternCheckFailed
 
     spec = _fabric(fabric)
     _logging(logging.WARNING)
@@ -140,7 +141,7 @@ def apply_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
 def show_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
              region: RegionOpt = None, as_json: JsonOpt = False) -> None:
     """What exists of the fabric: queues with depths and DLQs, subscriptions, rules, drift."""
-    from event_bridge.show import show
+    from event_bridge.show import drift_lines, show
 
     spec = _fabric(fabric)
     with _target(aws, _region(spec, region)) as target:
@@ -179,9 +180,18 @@ def show_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
     for c in report["consumers"]:
         out.print(f"consumer {c['name']}: {c['source']} -> {c['handler']}"
                   + ("" if c["background"] else " (drain only)"), markup=False)
-    out.print("[green]in sync with the fabric[/]" if report["in_sync"]
-              else f"[yellow]not in sync[/]: missing "
-                   f"{escape(', '.join(report['missing']) or '-')}")
+    if report["in_sync"]:
+        out.print("[green]in sync with the fabric[/]")
+        return
+    drift = drift_lines(report)
+    out.print(f"[yellow]not in sync[/]: missing {escape(', '.join(report['missing']) or '-')}; "
+              f"{len(drift)} drift(s)", highlight=False)
+    for line in drift:
+        out.print(f"  drift: {escape(line)}", highlight=False)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @app.command("drain")
@@ -203,12 +213,17 @@ def drain_cmd(
 
     spec = _fabric(fabric)
     _logging(logging.WARNING)
+    logging.getLogger("event_bridge.runtime").setLevel(logging.INFO)  # what a wait waits for
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops a drain as cleanly as Ctrl-C
     with _target(aws, _region(spec, region)) as target:
         try:
             summary = drain(target, spec, only=queue or None,
                             backoff=Backoff(base_s=backoff, max_s=backoff_max), timeout_s=timeout)
         except LookupError as e:
             raise _fail(str(e), 2) from None
+        except KeyboardInterrupt:
+            raise _fail("drain stopped; the messages and claims it held were handed back",
+                        130) from None
     _emit(summary)
     if not summary["ok"]:
         raise typer.Exit(1)

@@ -9,6 +9,9 @@ a failure it is released so the retry can claim it. A claim whose holder died ex
 
 Keys are scoped by consumer: the same event must still be processed once by *each* consumer
 (postprocess and audit both read every result event).
+
+Claims held by this process are tracked, so a consumer stopped by SIGINT/SIGTERM hands them
+back (``release_held_claims``) instead of leaving the next run to wait out their lease.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
-from event_bridge.apply import ensure_dedup_table
+from event_bridge.ensure_storage import ensure_dedup_table
 from infra.aws.clients import AwsTarget
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,24 @@ class ClaimedElsewhere(RuntimeError):
 
 _ready: set[tuple[AwsTarget, str]] = set()
 _ready_lock = threading.Lock()
+# (store, key) of every claim this process holds and has not completed or released yet.
+_held: set[tuple[DedupStore, str]] = set()
+_held_lock = threading.Lock()
+
+
+def release_held_claims() -> int:
+    """Release every claim this process still holds (on shutdown); how many were released."""
+    with _held_lock:
+        held = list(_held)
+        _held.clear()
+    released = 0
+    for store, key in held:
+        try:
+            store.release(key)
+            released += 1
+        except ClientError as e:  # shutting down: report, do not mask the signal
+            log.warning("could not release the claim on %s: %s", key, e)
+    return released
 
 
 class DedupStore:
@@ -72,6 +93,8 @@ class DedupStore:
                                            ":now": {"N": f"{now:.3f}"}},
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
+            with _held_lock:
+                _held.add((self, key))
         except ClientError as e:
             if e.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
@@ -83,6 +106,8 @@ class DedupStore:
                 f"{old.get('lease_until', {}).get('N', '?')})") from None
 
     def complete(self, key: str) -> None:
+        with _held_lock:
+            _held.discard((self, key))
         self._ddb.update_item(
             TableName=self.table, Key={"pk": {"S": key}},
             UpdateExpression="SET #s = :done, completed_at = :now, expires_at = :exp "
@@ -94,6 +119,8 @@ class DedupStore:
         )
 
     def release(self, key: str) -> None:
+        with _held_lock:
+            _held.discard((self, key))
         try:
             self._ddb.delete_item(
                 TableName=self.table, Key={"pk": {"S": key}},

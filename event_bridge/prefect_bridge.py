@@ -28,10 +28,17 @@ Why not ``prefect.events.emit_event``: it hands the event to a background worker
 and drops failures, so a handler could acknowledge a message whose event never arrived.
 Here each event goes through Prefect's events client with a checkpoint (a websocket ping
 answered by the server) after the send, and only then is the message acknowledged.
+
+Where the events go: ``PREFECT_API_URL``, else the Prefect server of a running
+``clusterflow local up`` stack. Never Prefect's ephemeral server: with neither set, Prefect
+would start a throw-away server, the events would land there (no trigger ever fires) and the
+messages would be acknowledged and recorded as processed, so a later replay would skip them.
+With no server to reach the record fails instead: SQS retries it and finally dead-letters it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -50,6 +57,10 @@ if TYPE_CHECKING:
     from flows.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
+
+
+class PrefectUnavailable(RuntimeError):
+    """No Prefect API to send to; the record must fail (retried, then the DLQ), not be acked."""
 
 EVENT_NAME = "s3.object.created"
 # Fixed namespace: the same S3 write must map to the same Prefect event id everywhere.
@@ -159,22 +170,44 @@ def to_prefect_event(obj: S3ObjectEvent, config: BridgeConfig) -> Event | None:
     )
 
 
-async def _send(events: list[Event]) -> None:
+def prefect_api_url() -> str:
+    """``PREFECT_API_URL``, else the local stack's recorded server; never an ephemeral one."""
+    from prefect.settings import PREFECT_API_URL
+
+    from infra.aws.embedded import state_dir
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    try:
+        url = json.loads((state_dir() / "prefect.json").read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        url = None
+    if isinstance(url, str) and url:
+        return url
+    raise PrefectUnavailable(
+        "no Prefect API to send the event to: set PREFECT_API_URL or start `clusterflow local "
+        "up`; the message is retried and then dead-lettered, not acknowledged")
+
+
+async def _send(events: list[Event], api_url: str) -> None:
     from prefect.events.clients import get_events_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     # checkpoint_every=1: each send is followed by a ping the server must answer, so a
     # return means the server has the event. Few reconnections: SQS retries the message.
-    async with get_events_client(reconnection_attempts=2, checkpoint_every=1) as client:
-        for event in events:
-            await client.emit(event)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        async with get_events_client(reconnection_attempts=2, checkpoint_every=1) as client:
+            for event in events:
+                await client.emit(event)
 
 
 def emit(events: list[Event]) -> None:
-    """Send events to the Prefect API (``PREFECT_API_URL``); raises unless all arrived."""
+    """Send events to the Prefect API (see ``prefect_api_url``); raises unless all arrived."""
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     if events:
-        run_coro_as_sync(_send(events))
+        run_coro_as_sync(_send(events, prefect_api_url()))
 
 
 def prefect_events(body: str, config: BridgeConfig) -> list[Event]:

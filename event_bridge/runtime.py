@@ -22,6 +22,10 @@ One deliberate difference: a failed message's visibility is set to a short backo
 4 s ... capped) instead of waiting out the full timeout (300 s), and to 0 after its last
 allowed receive so SQS dead-letters it at once. That is what lets ``drain`` finish with every
 poison message in a DLQ in seconds rather than 15 minutes.
+
+Stopping: ``SqsEventSource.stop()`` (on SIGINT/SIGTERM) makes the batch in hand visible again
+at once instead of after its visibility timeout, so the next ``drain`` does not sit waiting
+for messages a stopped consumer held; ``drain`` says what it waits for while it waits.
 """
 
 from __future__ import annotations
@@ -174,6 +178,28 @@ class SqsEventSource:
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else max(0.1, vis / 3)
         self.dedup_table = dedup_table
         self.stats = QueueStats(queue=name)
+        self._stopping = threading.Event()
+        self._in_hand: list[dict[str, Any]] = []
+        self._hand_lock = threading.Lock()
+
+    def stop(self) -> int:
+        """Take no more messages and make the ones in hand visible again; how many."""
+        with self._hand_lock:
+            self._stopping.set()
+            held, self._in_hand = self._in_hand, []
+        self._make_visible(held)
+        return len(held)
+
+    def _make_visible(self, messages: list[dict[str, Any]]) -> None:
+        for i in range(0, len(messages), 10):
+            chunk = messages[i:i + 10]
+            try:
+                self.sqs.change_message_visibility_batch(QueueUrl=self.info.url, Entries=[
+                    {"Id": str(j), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                    for j, m in enumerate(chunk)])
+            except ClientError as e:  # stopping anyway: they come back after their timeout
+                log.warning("%s: could not hand back %d message(s): %s", self.name,
+                            len(chunk), e)
 
     def poll_once(self, wait_time_s: int = 1) -> int:
         """Receive one batch, run the handler, settle every message; returns the batch size."""
@@ -183,6 +209,13 @@ class SqsEventSource:
             MessageAttributeNames=["All"])
         messages = resp.get("Messages", [])
         if not messages:
+            return 0
+        with self._hand_lock:
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._in_hand = list(messages)
+        if stopping:  # received while stopping: hand them straight back
+            self._make_visible(messages)
             return 0
         self.stats.received += len(messages)
         self.stats.batches += 1
@@ -203,6 +236,10 @@ class SqsEventSource:
         failed = set(ids) if failed is None else failed
         if self.info.fifo:
             failed = self._hold_groups(messages, failed)
+        with self._hand_lock:
+            if not self._in_hand:  # stop() handed them back meanwhile: theirs to settle now
+                return len(messages)
+            self._in_hand = []
         self._settle(messages, failed)
         return len(messages)
 
@@ -269,7 +306,21 @@ class SqsEventSource:
             "ApproximateNumberOfMessages"])["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"])
 
-    def drain(self, timeout_s: float = 600.0, idle_poll_s: float = 0.2) -> QueueStats:
+    def _waiting_note(self, depth: dict[str, int], waited_s: float, timeout_s: float) -> str:
+        in_flight = depth.get("ApproximateNumberOfMessagesNotVisible", 0)
+        delayed = depth.get("ApproximateNumberOfMessagesDelayed", 0)
+        parts = []
+        if in_flight:
+            parts.append(f"{in_flight} message(s) in flight, held by another consumer or by "
+                         "one that was killed; they come back after the queue's visibility "
+                         f"timeout ({self.info.visibility_timeout} s)")
+        if delayed:
+            parts.append(f"{delayed} delayed message(s)")
+        return (f"{self.name}: waiting for {'; '.join(parts) or 'messages'} "
+                f"({waited_s:.0f} s of at most {timeout_s:.0f} s)")
+
+    def drain(self, timeout_s: float = 600.0, idle_poll_s: float = 0.2,
+              progress_s: float = 10.0) -> QueueStats:
         """Consume until the queue is truly empty: nothing visible, in flight or delayed.
 
         Messages waiting out a failure backoff count as not empty, so when this returns every
@@ -277,16 +328,22 @@ class SqsEventSource:
         """
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        while True:
+        next_note = t0 + progress_s
+        while not self._stopping.is_set():
             if self.poll_once(wait_time_s=0):
                 continue
-            if sum(self.depth().values()) == 0:
+            depth = self.depth()
+            if sum(depth.values()) == 0:
                 break
-            if time.monotonic() > deadline:
-                self.stats.seconds = round(time.monotonic() - t0, 3)
+            now = time.monotonic()
+            if now > deadline:
+                self.stats.seconds = round(now - t0, 3)
                 raise TimeoutError(
-                    f"queue {self.name} still holds {self.depth()} after {timeout_s:.0f} s of "
+                    f"queue {self.name} still holds {depth} after {timeout_s:.0f} s of "
                     "draining; another consumer may hold messages in flight")
+            if now >= next_note:  # never a silent wait: say what is awaited and for how long
+                next_note = now + progress_s
+                log.info("%s", self._waiting_note(depth, now - t0, timeout_s))
             time.sleep(idle_poll_s)
         self.stats.seconds = round(time.monotonic() - t0, 3)
         self.stats.dlq_depth = self.dlq_depth()

@@ -1,8 +1,9 @@
 """The fabric's consumers as a whole: drain them once, or run them until stopped.
 
 ``drain`` is for operators and tests: every queue that has a consumer is consumed until it is
-truly empty (retries included), in parallel, and the result is one summary. ``consume`` is
-the long-running service ``clusterflow local up`` starts: one long-polling loop per
+truly empty (retries included), in parallel, and the result is one summary. Interrupted, it
+hands back the messages and dedup claims it holds, so the next drain need not wait them out.
+``consume`` is the long-running service ``clusterflow local up`` starts: one long-polling loop per
 background queue consumer and one local SNS subscription per topic consumer, stopped cleanly
 on SIGTERM/SIGINT (the batch in hand is finished, SNS subscriptions are removed).
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from event_bridge.apply import resolve_fabric
 from event_bridge.fabric import ConsumerSpec, Fabric
+from event_bridge.idempotency import release_held_claims
 from event_bridge.runtime import Backoff, SqsEventSource, load_handler, run_parallel
 from event_bridge.sns_invoker import SnsInvoker
 from infra.aws.clients import AwsTarget
@@ -55,8 +57,15 @@ def drain(aws: AwsTarget, fabric: Fabric, only: list[str] | None = None,
         sources[c.consumer_name] = SqsEventSource(
             aws, applied.queues[c.queue].url, handler, name=c.consumer_name,
             batch_size=c.batch_size, backoff=backoff, dedup_table=table)
-    results = run_parallel({n: (lambda s=s: s.drain(timeout_s=timeout_s))
-                            for n, s in sources.items()})
+    try:
+        results = run_parallel({n: (lambda s=s: s.drain(timeout_s=timeout_s))
+                                for n, s in sources.items()})
+    except BaseException:  # SIGINT/SIGTERM (the CLI turns both into KeyboardInterrupt)
+        handed_back = sum(s.stop() for s in sources.values())
+        released = release_held_claims()
+        log.warning("drain stopped: %d message(s) made visible again, %d claim(s) released",
+                    handed_back, released)
+        raise
     queues: dict[str, Any] = {}
     for name, source in sources.items():
         entry = source.stats.as_dict()

@@ -12,7 +12,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from event_bridge.apply import find_topic, queue_url_or_none
+from event_bridge.ensure_queues import queue_url_or_none
+from event_bridge.ensure_topics import find_topic
 from event_bridge.fabric import Fabric
 from infra.aws.clients import AwsTarget
 
@@ -33,6 +34,34 @@ def _queue(sqs: Any, name: str) -> dict[str, Any] | None:
         out["max_receive_count"] = int(policy["maxReceiveCount"])
         out["dlq"] = policy["deadLetterTargetArn"].rsplit(":", 1)[-1]
     return out
+
+
+def pattern_drift(actual: Any, wanted: Any, path: str = "pattern") -> list[str]:
+    """Each place a rule's live pattern differs from the fabric's, named by its path.
+
+    So a rule rewritten by another spec reads ``pattern.detail.bucket.name is ["other"], the
+    fabric says ["clusterflow-demo-results"]`` rather than a bare "differs".
+    """
+    if isinstance(actual, dict) and isinstance(wanted, dict):
+        out: list[str] = []
+        for key in sorted(set(actual) | set(wanted), key=str):
+            if key not in wanted:
+                out.append(f"{path}.{key} is not in the fabric")
+            elif key not in actual:
+                out.append(f"{path}.{key} is missing")
+            else:
+                out.extend(pattern_drift(actual[key], wanted[key], f"{path}.{key}"))
+        return out
+    if actual == wanted:
+        return []
+    return [f"{path} is {json.dumps(actual)}, the fabric says {json.dumps(wanted)}"]
+
+
+def drift_lines(report: dict[str, Any]) -> list[str]:
+    """Every drift of a ``show`` report as ``<kind> <name>: <what>``, for text output."""
+    return [f"{kind.rstrip('s')} {name}: {d}"
+            for kind in ("queues", "topics", "rules", "buckets")
+            for name, entry in report[kind].items() for d in entry.get("drift", [])]
 
 
 def show(aws: AwsTarget, fabric: Fabric) -> dict[str, Any]:
@@ -100,7 +129,7 @@ def show(aws: AwsTarget, fabric: Fabric) -> dict[str, Any]:
         pattern = json.loads(r.get("EventPattern") or "null")
         report["rules"][rule.name] = {
             "bus": rule.bus, "state": r.get("State"), "pattern": pattern, "targets": targets,
-            "drift": [] if pattern == rule.pattern else ["pattern differs from the fabric"]}
+            "drift": pattern_drift(pattern, rule.pattern)}
 
     for archive in fabric.archives:
         try:

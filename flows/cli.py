@@ -45,6 +45,39 @@ def _summary(result: dict[str, Any]) -> None:
                   f"{r['verified']} verified", **plain)
 
 
+def _steps_summary(result: dict[str, Any]) -> None:
+    """One table row per point, so a 64-point sweep stays readable."""
+    out = Console(soft_wrap=True)
+    pts = result["points"]
+    ok = pts["total"] - pts["failed"]
+    colour = "green" if not pts["failed"] else "red"
+    out.print(f"[bold {colour}]run {escape(result['run_id'])} {result['state']}[/] "
+              f"({ok}/{pts['total']} points completed, {escape(result['aws'])})")
+    stages = Table("stage", "seconds", box=None)
+    for stage, secs in result["seconds"].items():
+        stages.add_row(stage, f"{secs:.2f}")
+    out.print(stages)
+    table = Table("step", "point", "state", "backend", "job", "seconds", "main output (sha256)",
+                  box=None)
+    for name, step in result["steps"].items():
+        for p in step["points"]:
+            first = p["outputs"][0] if p["outputs"] else None
+            main = f"{first['name']} {first['sha256'][:12]}" if first else p.get("error", "")
+            state = p["state"] if p.get("computed_by") in (None, result["run_id"]) \
+                else f"{p['state']} (from {p['computed_by']})"
+            style = "" if p["state"] in ("completed", "reused") else "red"
+            table.add_row(escape(name), escape(p["point"] or "-"), state,
+                          p.get("backend") or "-", p.get("job_id") or "-",
+                          f"{p['seconds']:.2f}" if p.get("seconds") is not None else "-",
+                          escape(main), style=style)
+    out.print(table)
+    out.print(f"manifest          {result['s3']['manifest']} sha256 {result['result_sha256']}")
+    out.print(f"scratch           {result['scratch_dir']}")
+    for q, r in result["fanout"]["queues"].items():
+        out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
+                  f"{r['verified']} verified")
+
+
 @app.command()
 def run(
     spec: Annotated[Path, typer.Option(help="Pipeline spec YAML.")] = DEFAULT_SPEC,
@@ -60,8 +93,19 @@ def run(
     from flows.run_preflight import check_before_start
 
     try:
-        # Refuse a bad spec, and what cannot work with it, before anything starts.
-        check_before_start(load_spec(spec, ranks=ranks, aws=aws, backend=backend), spec)
+        # Refuse a bad spec before anything starts.
+        loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+    except SpecError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    if loaded.aws == "real":  # credentials are checked offline, before Prefect starts
+        from infra.aws.credentials import real_aws_problem
+
+        if (problem := real_aws_problem()) is not None:
+            err.print(f"[red]error:[/] {escape(f'{spec}: {problem}')}", highlight=False)
+            raise typer.Exit(2)
+    try:  # and what cannot work with it: region, endpoint, input_key (flows/run_preflight.py)
+        check_before_start(loaded, spec)
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
@@ -77,7 +121,9 @@ def run(
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
         from flows.pipeline import hpc_pipeline
+        from flows.steps.flow import PipelineFailed
 
+        code = 0
         try:
             if server is not None:
                 server.wait_ready()
@@ -85,6 +131,9 @@ def run(
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
                                       backend=backend)
+        except PipelineFailed as e:  # some points failed: the summary still says what happened
+            result, code = e.summary, 1
+            err.print(f"[red]error:[/] pipeline failed: {e}", markup=False, highlight=False)
         except prefect_runtime.PrefectServerError as e:
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
@@ -94,8 +143,12 @@ def run(
             raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
+    elif "steps" in result:
+        _steps_summary(result)
     else:
         _summary(result)
+    if code:
+        raise typer.Exit(code)
 
 
 def _mount() -> None:
@@ -103,8 +156,9 @@ def _mount() -> None:
     from event_bridge.cli import app as events_app
     from flows.local_cli import local_app
     from flows.local_cli import register as register_deploy
-    from infra.clusters.slurm_local import app as slurm_app
+    from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
+    from infra.guard.cli import guard_app
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage
 
@@ -115,6 +169,7 @@ def _mount() -> None:
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
     app.add_typer(ha_app, name="ha")  # drill ...
+    app.add_typer(guard_app, name="guard")  # block | unblock | list | audit | lockdown | sweep
 
 
 _mount()

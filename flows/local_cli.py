@@ -285,7 +285,7 @@ def deploy(
         help="Work pool for every deployment (default: the one prefect.yaml names).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Register prefect.yaml's deployments (nightly, on-upload, on-result) with Prefect.
+    """Register prefect.yaml's deployments (nightly, on-upload, on-result, guard-sweep).
 
     Targets PREFECT_API_URL if set, else the local stack's server.
     """

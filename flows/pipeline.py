@@ -7,13 +7,11 @@ The consume stage proves it by reading, verifying and acknowledging the event on
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,16 +21,18 @@ from botocore.exceptions import ClientError
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
+from flows.backends import open_backend, slurm_provider
+from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import aws_target
 from infra.backends.launchers import python_module
-from infra.backends.providers.base import ExecutionProvider, JobState, JobStatus
-from infra.backends.providers.local import LocalProvider
+from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 
@@ -50,7 +50,7 @@ def new_run_id(spec: PipelineSpec) -> str:
 
 def ensure_bucket(aws: AwsTarget, bucket: str) -> None:
     """Create ``bucket`` unless it exists (the fabric's own idempotent create)."""
-    from event_bridge.apply import ensure_bucket as ensure
+    from event_bridge.ensure_storage import ensure_bucket as ensure
 
     ensure(aws.client("s3"), bucket, aws.region, [])
 
@@ -110,9 +110,13 @@ def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
         shape["nz"] = None
     raw["kernel"]["parameters"].update(shape)
     try:
-        return PipelineSpec.model_validate(raw)
+        sized = PipelineSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"the input {path.name} does not fit the spec: {e}") from None
+    # The uploaded grid, not the spec's, decides the memory the ranks need.
+    check_resources("heat", sized.kernel.parameters, sized.ranks, sized.backend,
+                    local=sized.local, where=f"the input {path.name}")
+    return sized
 
 
 @task(name="stage_in", cache_policy=NO_CACHE)
@@ -155,37 +159,6 @@ def _rank_error(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     own = [ln for ln in lines if ": rank " in ln]
     return "; ".join(own) if own else "\n".join(lines[-15:])
-
-
-def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
-    from infra.backends.providers.slurm import SlurmProvider
-
-    o = spec.slurm
-    return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
-                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args)
-
-
-@contextlib.contextmanager
-def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[ExecutionProvider]:
-    """The spec's provider, for the duration of one MPI job.
-
-    The cloud backends create what they need on entry (a cluster, a Batch environment) and
-    apply the spec's ``teardown`` on exit, whether the job succeeded or not.
-    """
-    if spec.backend == "local":
-        yield LocalProvider()
-    elif spec.backend == "slurm":
-        yield slurm_provider(spec)
-    elif spec.backend == "parallelcluster":
-        from infra.backends.settings import parallelcluster_backend
-
-        with parallelcluster_backend(spec.parallelcluster, aws, progress=logger.info) as p:
-            yield p
-    else:
-        from infra.backends.settings import batch_backend
-
-        with batch_backend(spec.batch, aws, progress=logger.info) as p:
-            yield p
 
 
 def result_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -303,7 +276,65 @@ def consume(aws: AwsTarget, applied: AppliedTopology, manifest_key: str) -> dict
     return reports
 
 
-@flow(name="hpc-pipeline", log_prints=True)
+@task(name="publish_manifest", cache_policy=NO_CACHE)
+def publish_manifest(spec: PipelineSpec, aws: AwsTarget, run_id: str,
+                     run_dir: Path) -> Transferred:
+    """The run's manifest, last: its arrival is the 'results ready' event that fans out."""
+    key = f"{spec.storage.results_prefix}{run_id}/{MANIFEST}"
+    return upload(aws, run_dir / MANIFEST, spec.storage.results_bucket, key)
+
+
+def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
+                   run_dir: Path) -> dict[str, Any]:
+    """A ``steps:`` spec: provision, the step graph, the run's manifest, fan-out, consume."""
+    from flows.steps.flow import PipelineFailed, run_steps
+
+    logger = get_run_logger()
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[name] = round(time.perf_counter() - t0, 3)
+
+    backends = {s.backend or spec.backend for s in spec.step_list()}
+    if "slurm" in backends:
+        slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
+    with aws_target(spec.aws, spec.region) as aws:
+        applied = timed("provision", provision, spec, aws, run_dir)
+        outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger)
+        sent = timed("publish", publish_manifest, spec, aws, run_id, run_dir)
+        queues = timed("consume", consume, aws, applied, f"{spec.storage.results_prefix}"
+                       f"{run_id}/{MANIFEST}")
+        endpoint = aws.label
+    summary: dict[str, Any] = {
+        "run_id": run_id, "spec": spec.name, "backend": spec.backend, "ranks": spec.ranks,
+        "kernel": None, "aws": endpoint, "seconds": seconds,
+        "state": outcome.manifest["state"],
+        "result": MANIFEST, "result_sha256": sent.sha256,
+        "computed_by": run_id, "scratch_dir": str(run_dir),
+        "steps": outcome.manifest["steps"],
+        "points": {"total": len(outcome.points), "failed": len(outcome.failed)},
+        "s3": {"results": f"s3://{spec.storage.results_bucket}/{spec.storage.results_prefix}"
+                          f"{run_id}/", "manifest": sent.uri},
+        "fanout": {"rule": applied.rule_arn, "topic": applied.topic_arn,
+                   "queues": {q: {"events_received": r["received"], "verified": r["verified"],
+                                  "failed": len(r["failed"])} for q, r in queues.items()}},
+    }
+    if outcome.failed:
+        names = ", ".join(f"{p['step']}[{p['label']}]" if p["label"] else p["step"]
+                          for p in outcome.failed)
+        raise PipelineFailed(f"{len(outcome.failed)} of {len(outcome.points)} point(s) did not "
+                             f"complete: {names}", summary)
+    return summary
+
+
+@flow(name="hpc-pipeline", log_prints=True,
+      # Sweep points wait on the scheduler in their own threads (a Slurm array's points all
+      # at once), so the pool must hold more than a handful.
+      task_runner=ThreadPoolTaskRunner(max_workers=256))
 def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
                  aws_mode: str | None = None, run_id: str | None = None,
                  input_key: str | None = None, backend: str | None = None) -> dict[str, Any]:
@@ -331,6 +362,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         finally:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
+    if spec.steps:
+        return steps_pipeline(spec, Path(spec_path), run_id, run_dir)
     if spec.backend == "slurm":
         slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
     with aws_target(spec.aws, spec.region) as aws:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.clusters.slurm_local import LocalSlurm
+from infra.clusters.slurm_local.cluster import LocalSlurm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from infra.aws.clients import AwsTarget
+from infra.backends.shell_safety import PLAIN_PATH, NoControlChars
 from infra.clusters.config_issues import ConfigInvalid
 from infra.clusters.parallelcluster import TeardownPolicy
 
@@ -43,7 +44,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -56,8 +57,9 @@ class ParallelClusterSettings(_Strict):
     cluster_name: str = Field(pattern=CLUSTER_NAME)
     teardown: TeardownPolicy = "after_run"
     queue: str | None = Field(None, description="Slurm queue (partition); default: the first")
-    remote_root: str = Field("/fsx/clusterflow", pattern=r"^/",
-                             description="run directories on the cluster's shared storage")
+    remote_root: str = Field("/fsx/clusterflow", pattern=PLAIN_PATH,
+                             description="run directories on the cluster's shared storage "
+                             "(an absolute path of letters, digits and . _ + @ - /)")
     run_as: str | None = Field("ec2-user", description="the cluster's user that submits jobs")
     python: str = Field("python3", description="the cluster's interpreter for the kernel")
     create_timeout_minutes: int = Field(60, ge=5, le=240)
@@ -104,6 +106,8 @@ def parallelcluster_backend(settings: ParallelClusterSettings, aws: AwsTarget, *
     region = config_region(load_cluster_config(settings.config).raw, aws.region)
     target = dataclasses.replace(aws, region=region)
     config = load_cluster_config(settings.config, aws=target)  # account look-ups, first
+    for warning in config.warnings:  # what ParallelCluster would only warn about: said, not fatal
+        progress(f"{settings.config}: {warning}")
     queue = settings.queue or config.raw["Scheduling"]["SlurmQueues"][0]["Name"]
     kwargs: dict[str, Any] = {"api": api} if api is not None else {}
     cluster = ParallelCluster(settings.cluster_name, target, **kwargs)
@@ -121,7 +125,7 @@ def batch_backend(settings: BatchSettings, aws: AwsTarget, *,
     """A ``BatchProvider`` on a provisioned MNP environment (removed afterwards with
     ``teardown: after_run``)."""
     from infra.backends.providers.batch import BatchProvider
-    from infra.clusters.batch import delete_environment
+    from infra.clusters.batch.provision import delete_environment
     from infra.clusters.batch_config import load_batch_config
 
     config = load_batch_config(settings.config)

@@ -22,10 +22,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
+from infra.aws.regions import region_problem
+from infra.backends.shell_safety import PLAIN_PATH, NoControlChars
 from infra.clusters import instance_types
 from infra.clusters.config_issues import ConfigInvalid, ConfigIssue, load_yaml_mapping, path_of
 
@@ -38,7 +40,8 @@ SecurityGroupId = Annotated[str, Field(pattern=r"^sg-[0-9a-f]{8,17}$")]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,100}$"  # leaves room for "-queue" etc. in 128
 
 
-class _Strict(BaseModel):
+class _Strict(NoControlChars):
+    # Values reach user data, job definitions and commands: no control characters.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -53,9 +56,11 @@ class Volume(_Strict):
 class FsxMount(_Strict):
     """An existing FSx for Lustre file system, mounted on every instance at boot."""
 
-    dns_name: str
-    mount_name: str
-    mount_point: str = Field("/fsx", pattern=r"^/")
+    dns_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*$",
+                          description="fs-....fsx.<region>.amazonaws.com")
+    mount_name: str = Field(pattern=r"^[A-Za-z0-9_]+$",
+                            description="the file system's MountName (e.g. abcdefgh)")
+    mount_point: str = Field("/fsx", pattern=PLAIN_PATH)
 
 
 class Container(_Strict):
@@ -105,6 +110,15 @@ class BatchMnpConfig(_Strict):
     timeout_minutes: int | None = Field(None, ge=1)
     log_group: str = "/aws/batch/job"
     tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        """Refused here, not by botocore's InvalidRegionError traceback at the first call."""
+        problem = region_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     # Derived settings, one place for the sizing rules.
     @property
@@ -161,6 +175,9 @@ def instance_issues(cfg: BatchMnpConfig) -> list[ConfigIssue]:
     try:
         it = instance_types.lookup(cfg.instance_type)
     except instance_types.UnknownInstanceType as e:
+        if e.known_name:  # a real type, but nodes are sized from its vCPUs and EFA count
+            return [ConfigIssue("instance_type", f"{e}; Batch nodes are sized from those facts: "
+                                "pick a type the catalog describes")]
         return [ConfigIssue("instance_type", f"{e} (if it is new, regenerate infra/clusters/data/"
                             "instance_types.json with 'python -m infra.clusters.instance_types')")]
     issues = []

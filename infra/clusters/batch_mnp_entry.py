@@ -24,6 +24,7 @@ is sent). Slots per node: ``--slots`` or ``CLUSTERFLOW_SLOTS_PER_NODE``, else th
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shlex
 import shutil
@@ -64,6 +65,17 @@ def slots(args: argparse.Namespace) -> int:
     return int(args.slots or os.environ.get("CLUSTERFLOW_SLOTS_PER_NODE") or os.cpu_count() or 1)
 
 
+def _registration_ok(words: list[str]) -> bool:
+    if len(words) != 2 or not (words[1].isascii() and words[1].isdigit()) \
+            or not 0 < int(words[1]) < 100000:
+        return False
+    try:
+        ipaddress.ip_address(words[0])
+    except ValueError:
+        return False
+    return True
+
+
 def run_main(args: argparse.Namespace, num_nodes: int) -> int:
     if not args.command:
         log("no command after '--': nothing to run")
@@ -88,7 +100,9 @@ def run_main(args: argparse.Namespace, num_nodes: int) -> int:
                 continue
             conn.settimeout(30)
             line = conn.makefile("r").readline().split()
-            if len(line) != 2:
+            if not _registration_ok(line):
+                # It becomes a line of mpirun's hostfile: an address and a count, nothing else.
+                log(f"ignored a registration that is not '<ip> <slots>': {line!r:.80}")
                 conn.close()
                 continue
             hosts.append((line[0], int(line[1])))

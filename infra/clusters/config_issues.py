@@ -17,11 +17,19 @@ import yaml
 
 @dataclass(frozen=True)
 class ConfigIssue:
+    """``level`` is ``error`` (the config is refused) or ``warning`` (said, not refused: what
+    ParallelCluster itself reports as a WARNING, or a hint it does not give at all)."""
+
     path: str
     message: str
+    level: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        return f"{self.path}: {'warning: ' if self.level == 'warning' else ''}{self.message}"
+
+
+def warning(path: str, message: str) -> ConfigIssue:
+    return ConfigIssue(path, message, "warning")
 
 
 class ConfigInvalid(ValueError):
@@ -30,9 +38,11 @@ class ConfigInvalid(ValueError):
     Raised before any AWS resource is created, so fixing the file and re-running is always safe.
     """
 
-    def __init__(self, source: str, issues: Iterable[ConfigIssue]) -> None:
+    def __init__(self, source: str, issues: Iterable[ConfigIssue],
+                 warnings: Iterable[ConfigIssue] = ()) -> None:
         self.source = source
         self.issues = list(issues)
+        self.warnings = list(warnings)
         lines = "\n".join(f"  {i}" for i in self.issues)
         super().__init__(f"{source} is invalid ({len(self.issues)} error(s)):\n{lines}")
 
@@ -68,14 +78,43 @@ def flatten_marshmallow(messages: Any, prefix: str = "") -> Iterator[ConfigIssue
         yield ConfigIssue(prefix or "<root>", str(messages))
 
 
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (context, caret drawing) as one line with its position."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        return f"{where}{what}"
+    return " ".join(str(e).split())
+
+
 def load_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; anything else is a ConfigInvalid naming the file."""
+    """A YAML file that must hold a mapping; anything else (missing, a directory, unreadable,
+    not UTF-8, binary, not YAML) is a ConfigInvalid naming the file, in one line."""
+    def refuse(message: str) -> ConfigInvalid:
+        return ConfigInvalid(str(path), [ConfigIssue("<file>", message)])
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigInvalid(str(path), [ConfigIssue("<file>", "no such file")]) from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigInvalid(str(path), [ConfigIssue("<file>", f"not readable YAML: {e}")]) from None
+        raise refuse("no such file") from None
+    except IsADirectoryError:
+        raise refuse("is a directory, not a config file: name the YAML files in it") from None
+    except OSError as e:
+        raise refuse(f"cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise refuse(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                     "save it as UTF-8; binary files are not configs") from None
+    if "\x00" in text:
+        raise refuse("a binary file (it contains NUL bytes), not a YAML config") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        hint = ("; it holds {{ }} template placeholders: render the template first"
+                if "{{" in text else "")
+        raise refuse(f"not readable YAML: {yaml_error_line(e)}{hint}") from None
     if not isinstance(raw, dict):
         raise ConfigInvalid(str(path), [ConfigIssue(
             "<root>", f"expected a YAML mapping, got {type(raw).__name__}")])

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infra.aws.clients import EMBEDDED_CREDENTIALS, AwsTarget
 from infra.backends.remote_shell import RemoteCommandError, RemoteShell
+from infra.backends.shell_safety import safe_arg
 from infra.backends.ssm import SsmShell
 from infra.clusters.parallelcluster_validate import ValidatedCluster, validate_cluster_config
 
@@ -359,7 +360,8 @@ def activity_script(remote_root: str) -> str:
         "echo '==squeue=='",
         "squeue -h -a -t all -o '%i|%T|%e' 2>/dev/null || true",
         "echo '==last_exit=='",
-        f"find {remote_root} -name '*.exitcode' -printf '%T@\\n' 2>/dev/null | sort -n | "
+        f"find {safe_arg(remote_root, 'remote_root')} -name '*.exitcode' -printf '%T@\\n' "
+        "2>/dev/null | sort -n | "
         "tail -1",
     ])
 

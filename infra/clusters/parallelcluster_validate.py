@@ -5,21 +5,18 @@ mistakes that otherwise surface only after a CloudFormation stack has been runni
    schema ``pcluster create-cluster`` applies (types, required fields, unknown keys, enums,
    ranges). Its nested marshmallow errors become one ``ConfigIssue`` per message with a path
    such as ``Scheduling.SlurmQueues[0].ComputeResources[0].MaxCount``.
-2. clusterflow's checks (each mirrors a ParallelCluster semantic validator that needs AWS):
-   - EFA enabled on an instance type without EFA (``infra/clusters/data/instance_types.json``);
-   - EFA enabled without an explicit placement group setting (ParallelCluster refuses it);
-   - a queue with EFA or a placement group and more than one subnet. Rule used offline:
-     ParallelCluster requires the subnets of one queue to be in *different* Availability
-     Zones (two subnets in one AZ are refused), so more than one subnet means more than one
-     AZ, and EFA traffic and cluster placement groups do not cross AZs. When the subnet -> AZ
-     map is known (given, or looked up with an ``AwsTarget``) the message names the AZs;
-   - ``MaxCount`` below ``MinCount`` (defaults 10 and 0, as ParallelCluster's);
-   - a GPU queue or compute resource (``gpu`` in its name, or GPU health checks enabled)
-     whose instance types have no GPU;
-   - flexible instance types (``Instances``) with different vCPU (or, SMT off, core) counts;
-   - unknown instance types and duplicate queue / compute resource names.
+2. clusterflow's checks (``infra.clusters.parallelcluster_checks``): ParallelCluster's semantic
+   validators that need AWS (EFA support, placement groups, multi-AZ queues, counts, flexible
+   instance types, names), applied offline with ParallelCluster's own verdicts: an ERROR there
+   is an error here, a WARNING a warning.
 3. With an ``AwsTarget``: subnets and the head node's key pair exist, and every compute
    instance type is offered in its queue's Availability Zones.
+
+Offline means no network at all: loading a config makes ParallelCluster cache its capacity
+reservations (``SlurmClusterConfig.__init__`` calls EC2 ``DescribeCapacityReservations`` and,
+for a ``CapacityReservationResourceGroupArn``, Resource Groups ``ListGroupResources``), so the
+schema is loaded with ParallelCluster's AWS layer swapped for `_OfflineAWSApi`, which answers
+those lookups with nothing and refuses every other call without sending it.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +32,7 @@ from typing import Any
 
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
+from infra.aws.regions import region_problem
 from infra.clusters import instance_types
 from infra.clusters.config_issues import (
     ConfigInvalid,
@@ -43,21 +40,21 @@ from infra.clusters.config_issues import (
     flatten_marshmallow,
     load_yaml_mapping,
 )
+from infra.clusters.parallelcluster_checks import (
+    DEFAULT_MAX_COUNT,
+    DEFAULT_MIN_COUNT,
+    ComputeResourceRef,
+    clusterflow_checks,
+    compute_resources,
+    efa_enabled,
+    instance_types_of,
+    queue_uses_placement_group,
+)
 
-DEFAULT_MIN_COUNT = 0  # pcluster.constants.DEFAULT_MIN_COUNT
-DEFAULT_MAX_COUNT = 10  # pcluster.constants.DEFAULT_MAX_COUNT
 DEFAULT_REGION = "us-east-1"
-_GPU_NAME = re.compile(r"gpu", re.IGNORECASE)
 _env_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class ComputeResourceRef:
-    queue: str
-    name: str
-    path: str  # e.g. Scheduling.SlurmQueues[0].ComputeResources[1]
-    instance_types: tuple[tuple[str, str], ...]  # (instance type, its field path)
-    raw: Mapping[str, Any]
+__all__ = ["ComputeResourceRef", "ValidatedCluster", "aws_checks", "clusterflow_checks",
+           "compute_resources", "load_cluster_config", "schema_load", "validate_cluster_config"]
 
 
 @dataclass(frozen=True)
@@ -68,18 +65,19 @@ class ValidatedCluster:
     raw: dict[str, Any]
     region: str
     config: Any  # pcluster.config.cluster_config.SlurmClusterConfig
+    warnings: tuple[ConfigIssue, ...] = ()
 
     def summary(self) -> str:
         queues = []
         for q in self.raw["Scheduling"]["SlurmQueues"]:
             parts = []
             for cr in q.get("ComputeResources", []):
-                types = "/".join(t for t, _ in _instance_types(cr, ""))
-                efa = " EFA" if _efa(cr) else ""
+                types = "/".join(t for t, _ in instance_types_of(cr, ""))
+                efa = " EFA" if efa_enabled(cr) else ""
                 lo, hi = cr.get("MinCount", DEFAULT_MIN_COUNT), cr.get("MaxCount",
                                                                       DEFAULT_MAX_COUNT)
                 parts.append(f"{types} x{lo}-{hi}{efa}")
-            pg = " PG" if _queue_placement_group(q) else ""
+            pg = " PG" if queue_uses_placement_group(q) else ""
             queues.append(f"{q['Name']} ({q.get('CapacityType', 'ONDEMAND')}{pg}: "
                           f"{', '.join(parts)})")
         storage = []
@@ -108,170 +106,66 @@ def _region_env(region: str) -> Iterator[None]:
                 os.environ["AWS_DEFAULT_REGION"] = old
 
 
+class _OfflineLookups:
+    """The two look-ups ``SlurmClusterConfig.__init__`` makes to warm a cache, answered with
+    nothing (its ``try/except AWSClientError`` is there for when they fail; an empty answer
+    keeps it quiet). Anything else ParallelCluster asks raises ``AWSClientError`` unsent."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def describe_capacity_reservations(self, capacity_reservation_ids: list[str]) -> list[Any]:
+        return []
+
+    def get_capacity_reservation_ids_from_group_resources(self, group: str) -> list[str]:
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        from pcluster.aws.common import AWSClientError
+
+        def refuse(*_: Any, **__: Any) -> Any:
+            raise AWSClientError(f"{self._service}.{name}",
+                                 "offline validation makes no AWS calls")
+        return refuse
+
+
+class _OfflineAWSApi:
+    """Stands in for ``pcluster.aws.aws_api.AWSApi.instance()`` while the schema loads."""
+
+    def __init__(self, region: str) -> None:
+        self.aws_region = region
+
+    def __getattr__(self, service: str) -> _OfflineLookups:
+        return _OfflineLookups(service)
+
+
+@contextlib.contextmanager
+def _offline_pcluster(region: str) -> Iterator[None]:
+    """No network from ParallelCluster: its AWS layer is one singleton behind the static
+    ``AWSApi.instance()``; swap it for the call (under ``_env_lock``, like the environment)."""
+    from pcluster.aws.aws_api import AWSApi
+
+    original = AWSApi.__dict__["instance"]
+    offline = _OfflineAWSApi(region)
+    AWSApi.instance = staticmethod(lambda: offline)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AWSApi.instance = original  # type: ignore[method-assign]
+
+
 def schema_load(raw: dict[str, Any], *, region: str, cluster_name: str = "clusterflow",
                 ) -> tuple[Any, list[ConfigIssue]]:
-    """(loaded config or None, schema issues): ParallelCluster's own schema, nothing else."""
+    """(loaded config or None, schema issues): ParallelCluster's own schema, nothing else,
+    and no network."""
     from marshmallow import ValidationError
     from pcluster.schemas.cluster_schema import ClusterSchema
 
-    with _region_env(region):
+    with _region_env(region), _offline_pcluster(region):
         try:
             return ClusterSchema(cluster_name=cluster_name).load(raw), []
         except ValidationError as e:
             return None, list(flatten_marshmallow(e.messages))
-
-
-def _instance_types(cr: Mapping[str, Any], path: str) -> list[tuple[str, str]]:
-    if "InstanceType" in cr:
-        return [(cr["InstanceType"], f"{path}.InstanceType")]
-    return [(inst["InstanceType"], f"{path}.Instances[{k}].InstanceType")
-            for k, inst in enumerate(cr.get("Instances", [])) if "InstanceType" in inst]
-
-
-def _efa(cr: Mapping[str, Any]) -> bool:
-    return bool(cr.get("Efa", {}).get("Enabled", False))
-
-
-def _pg(networking: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    return (networking or {}).get("PlacementGroup")
-
-
-def _pg_enabled(pg: Mapping[str, Any] | None) -> bool:
-    if not pg:
-        return False
-    # ParallelCluster: a placement group with an Id or Name is used even without Enabled.
-    return bool(pg.get("Enabled", bool(pg.get("Id") or pg.get("Name"))))
-
-
-def _queue_placement_group(q: Mapping[str, Any]) -> bool:
-    if _pg_enabled(_pg(q.get("Networking"))):
-        return True
-    return any(_pg_enabled(_pg(cr.get("Networking"))) for cr in q.get("ComputeResources", []))
-
-
-def _gpu_hint(node: Mapping[str, Any]) -> bool:
-    if _GPU_NAME.search(str(node.get("Name", ""))):
-        return True
-    return bool(node.get("HealthChecks", {}).get("Gpu", {}).get("Enabled", False))
-
-
-def compute_resources(raw: Mapping[str, Any]) -> Iterator[ComputeResourceRef]:
-    for i, q in enumerate(raw.get("Scheduling", {}).get("SlurmQueues", [])):
-        for j, cr in enumerate(q.get("ComputeResources", [])):
-            path = f"Scheduling.SlurmQueues[{i}].ComputeResources[{j}]"
-            yield ComputeResourceRef(q.get("Name", ""), cr.get("Name", ""), path,
-                                     tuple(_instance_types(cr, path)), cr)
-
-
-def clusterflow_checks(raw: Mapping[str, Any], subnet_azs: Mapping[str, str] | None = None,
-                       ) -> list[ConfigIssue]:
-    """Checks on a config that already passed the schema (so its shape is known)."""
-    issues: list[ConfigIssue] = []
-    catalog = instance_types.catalog()
-    head = raw.get("HeadNode", {}).get("InstanceType")
-    if head and head not in catalog:
-        issues.append(_unknown_type("HeadNode.InstanceType", head))
-
-    queues = raw.get("Scheduling", {}).get("SlurmQueues", [])
-    if not queues:
-        issues.append(ConfigIssue("Scheduling.SlurmQueues",
-                                  "no queue defined: add at least one SlurmQueue"))
-    seen_queues: dict[str, int] = {}
-    for i, q in enumerate(queues):
-        qpath = f"Scheduling.SlurmQueues[{i}]"
-        if q["Name"] in seen_queues:
-            issues.append(ConfigIssue(f"{qpath}.Name", f"queue name '{q['Name']}' is already "
-                                      f"used by Scheduling.SlurmQueues[{seen_queues[q['Name']]}]"))
-        seen_queues.setdefault(q["Name"], i)
-        issues += _queue_checks(q, qpath, subnet_azs or {})
-    return issues
-
-
-def _unknown_type(path: str, name: str) -> ConfigIssue:
-    try:
-        instance_types.lookup(name)
-    except instance_types.UnknownInstanceType as e:
-        return ConfigIssue(path, f"{e} (if it is new, regenerate "
-                                 "infra/clusters/data/instance_types.json with "
-                                 "'python -m infra.clusters.instance_types')")
-    raise AssertionError(name)
-
-
-def _queue_checks(q: Mapping[str, Any], qpath: str, subnet_azs: Mapping[str, str],
-                  ) -> list[ConfigIssue]:
-    issues: list[ConfigIssue] = []
-    catalog = instance_types.catalog()
-    queue_pg = _pg(q.get("Networking"))
-    gpu_queue = _gpu_hint(q)
-    any_efa = False
-    seen: dict[str, int] = {}
-    for j, cr in enumerate(q.get("ComputeResources", [])):
-        path = f"{qpath}.ComputeResources[{j}]"
-        if cr["Name"] in seen:
-            first = f"{qpath}.ComputeResources[{seen[cr['Name']]}]"
-            issues.append(ConfigIssue(f"{path}.Name", f"compute resource name '{cr['Name']}' "
-                                      f"is already used by {first}"))
-        seen.setdefault(cr["Name"], j)
-        types = _instance_types(cr, path)
-        known = [(t, p) for t, p in types if t in catalog]
-        issues += [_unknown_type(p, t) for t, p in types if t not in catalog]
-
-        lo = cr.get("MinCount", DEFAULT_MIN_COUNT)
-        hi = cr.get("MaxCount", DEFAULT_MAX_COUNT)
-        if hi < lo:
-            issues.append(ConfigIssue(f"{path}.MaxCount", f"MaxCount ({hi}) is less than MinCount "
-                                      f"({lo}): raise MaxCount or lower MinCount"))
-
-        if len(known) > 1:
-            smt_off = cr.get("DisableSimultaneousMultithreading", False)
-            unit = "CPU cores" if smt_off else "vCPUs"
-            counts = {t: catalog[t].cores if smt_off else catalog[t].vcpus for t, _ in known}
-            if len(set(counts.values())) > 1:
-                listed = ", ".join(f"{t}: {n}" for t, n in counts.items())
-                issues.append(ConfigIssue(f"{path}.Instances", f"the instance types of one compute "
-                                          f"resource must have the same number of {unit} "
-                                          f"({listed}): split them into separate compute "
-                                          "resources"))
-
-        if _efa(cr):
-            any_efa = True
-            for t, p in known:
-                if not catalog[t].efa:
-                    issues.append(ConfigIssue(p, f"instance type '{t}' does not support EFA "
-                                              f"({path}.Efa.Enabled is true): pick an EFA type "
-                                              "(e.g. hpc7a.96xlarge, c6in.32xlarge, c5n.18xlarge, "
-                                              "p5.48xlarge) or disable EFA"))
-            if _pg(cr.get("Networking")) is None and queue_pg is None:
-                issues.append(ConfigIssue(f"{path}.Efa.Enabled", "EFA needs an explicit placement "
-                                          f"group: set {qpath}.Networking.PlacementGroup.Enabled: "
-                                          "true (or Enabled: false to run EFA without one)"))
-
-        if gpu_queue or _gpu_hint(cr):
-            what = (f"queue '{q['Name']}'" if gpu_queue else f"compute resource '{cr['Name']}'")
-            for t, p in known:
-                if not catalog[t].gpus:
-                    issues.append(ConfigIssue(p, f"{what} is a GPU queue but instance type "
-                                              f"'{t}' has no GPU: use a GPU type (e.g. "
-                                              "p5.48xlarge, p4d.24xlarge, g6.12xlarge) or rename "
-                                              "the queue"))
-
-    subnets = list(q.get("Networking", {}).get("SubnetIds", []))
-    if len(set(subnets)) > 1 and (any_efa or _queue_placement_group(q)):
-        why = "EFA" if any_efa else "a cluster placement group"
-        azs = {s: subnet_azs[s] for s in subnets if s in subnet_azs}
-        if len(azs) == len(set(subnets)):
-            where = ", ".join(f"{s} in {azs[s]}" for s in subnets)
-            detail = (f"the subnets span {len(set(azs.values()))} Availability Zones ({where})"
-                      if len(set(azs.values())) > 1 else
-                      f"the subnets share one Availability Zone ({where}), which ParallelCluster "
-                      "refuses for one queue")
-        else:
-            detail = ("ParallelCluster requires a queue's subnets to be in different Availability "
-                      f"Zones, so {len(set(subnets))} subnets mean {len(set(subnets))} AZs")
-        issues.append(ConfigIssue(f"{qpath}.Networking.SubnetIds",
-                                  f"queue '{q['Name']}' uses {why}, which does not cross "
-                                  f"Availability Zones, but {detail}: list exactly one subnet"))
-    return issues
 
 
 def aws_checks(raw: Mapping[str, Any], preflight: Preflight) -> tuple[list[ConfigIssue],
@@ -294,13 +188,13 @@ def aws_checks(raw: Mapping[str, Any], preflight: Preflight) -> tuple[list[Confi
     if key and not preflight.key_pair_exists(key):
         issues.append(ConfigIssue("HeadNode.Ssh.KeyName", preflight.missing_key_pair_message(key)))
 
-    catalog = instance_types.catalog()
+    known = instance_types.known_names()  # offerings are looked up by name: no facts needed
     for i, q in enumerate(queues):
         subnets = [s for s in q.get("Networking", {}).get("SubnetIds", []) if s in azs]
         for j, cr in enumerate(q.get("ComputeResources", [])):
             path = f"Scheduling.SlurmQueues[{i}].ComputeResources[{j}]"
-            for t, p in _instance_types(cr, path):
-                if t not in catalog:
+            for t, p in instance_types_of(cr, path):
+                if t not in known:
                     continue
                 for s in subnets:
                     if azs[s] not in preflight.offered_in(t):
@@ -313,6 +207,17 @@ def config_region(raw: Mapping[str, Any], region: str | None = None) -> str:
                or DEFAULT_REGION)
 
 
+def region_issue(raw: Mapping[str, Any], region: str | None = None) -> ConfigIssue | None:
+    """The region the config will use, checked before anything reaches botocore (which would
+    raise ``InvalidRegionError`` for a placeholder such as ``{{ region }}``)."""
+    if raw.get("Region") is not None:
+        where, value = "Region", raw["Region"]
+    else:
+        where, value = "<region>", config_region(raw, region)  # --region or AWS_DEFAULT_REGION
+    problem = region_problem(value)
+    return ConfigIssue(where, problem) if problem else None
+
+
 def validate_cluster_config(raw: dict[str, Any], *, source: str = "<config>",
                             cluster_name: str = "clusterflow", region: str | None = None,
                             subnet_azs: Mapping[str, str] | None = None,
@@ -321,6 +226,9 @@ def validate_cluster_config(raw: dict[str, Any], *, source: str = "<config>",
 
     ``aws`` adds the account look-ups (in the config's region, through the same endpoint).
     """
+    bad_region = region_issue(raw, region)
+    if bad_region:  # nothing below may see it: botocore raises on a malformed one
+        raise ConfigInvalid(source, [bad_region])
     region = config_region(raw, region)
     loaded, issues = schema_load(raw, region=region, cluster_name=cluster_name)
     if issues:  # the shape is unknown; further checks would only add noise
@@ -332,9 +240,12 @@ def validate_cluster_config(raw: dict[str, Any], *, source: str = "<config>",
         issues += online
         azs.update(found)
     issues = clusterflow_checks(raw, azs) + issues
-    if issues:
-        raise ConfigInvalid(source, issues)
-    return ValidatedCluster(source=source, raw=raw, region=region, config=loaded)
+    errors = [i for i in issues if i.level != "warning"]
+    warnings = tuple(i for i in issues if i.level == "warning")
+    if errors:
+        raise ConfigInvalid(source, errors, warnings)
+    return ValidatedCluster(source=source, raw=raw, region=region, config=loaded,
+                            warnings=warnings)
 
 
 def is_parallelcluster_config(raw: Mapping[str, Any]) -> bool:

@@ -3,8 +3,11 @@
 Mounted on the main CLI with ``register(app)``. Each file is recognised by its content: a
 ParallelCluster 3 config has ``HeadNode`` / ``Scheduling`` / ``Image``; a clusterflow Batch
 config says ``kind: batch-mnp``. Every error is printed as ``FILE: FIELD.PATH: message`` and
-the exit code is 1; a valid file prints one summary line. Exit code 2: the files could not be
-checked at all (e.g. ``--check-aws`` without credentials).
+the exit code is 1; a valid file prints one summary line; warnings (what ParallelCluster
+itself only warns about) are printed as ``FILE: FIELD.PATH: warning: message`` and never change
+the exit code. Exit code 2: the files could not be checked at all (e.g. ``--check-aws``
+without credentials). A file that cannot be read or checked (a directory, binary, not UTF-8,
+a placeholder region) is one error line for that file; every other file is still reported.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.markup import escape
 
@@ -25,6 +29,7 @@ from infra.clusters.config_issues import ConfigInvalid, ConfigIssue, load_yaml_m
 from infra.clusters.parallelcluster_validate import (
     config_region,
     is_parallelcluster_config,
+    region_issue,
     validate_cluster_config,
 )
 
@@ -35,6 +40,7 @@ class FileResult:
     kind: str  # parallelcluster | batch | unknown
     summary: str
     errors: list[ConfigIssue]
+    warnings: list[ConfigIssue] = dataclasses.field(default_factory=list)
 
     @property
     def valid(self) -> bool:
@@ -43,7 +49,8 @@ class FileResult:
     def as_json(self) -> dict[str, Any]:
         return {"file": self.file, "kind": self.kind, "valid": self.valid,
                 "summary": self.summary,
-                "errors": [{"path": e.path, "message": e.message} for e in self.errors]}
+                "errors": [{"path": e.path, "message": e.message} for e in self.errors],
+                "warnings": [{"path": w.path, "message": w.message} for w in self.warnings]}
 
 
 def _target(check_aws: bool, region: str) -> AwsTarget | None:
@@ -56,6 +63,26 @@ def _target(check_aws: bool, region: str) -> AwsTarget | None:
 
 def validate_file(path: Path, *, check_aws: bool = False, region: str | None = None,
                   subnet_azs: dict[str, str] | None = None) -> FileResult:
+    """One file's verdict; never raises for a problem of that file (``AwsConfigError``, a
+    problem of the whole run, propagates)."""
+    try:
+        return _validate_file(path, check_aws=check_aws, region=region, subnet_azs=subnet_azs)
+    except AwsConfigError:
+        raise
+    except (BotoCoreError, ClientError) as e:  # --check-aws: the endpoint, not the file
+        message = " ".join(str(e).split()) or type(e).__name__
+        return FileResult(str(path), "unknown", "", [ConfigIssue(
+            "<aws>", f"the account look-ups failed ({message}): check the endpoint, region and "
+            "credentials, or validate without --check-aws")])
+    except Exception as e:  # noqa: BLE001 - one file's failure must not hide the others'
+        message = " ".join(str(e).split()) or "no message"
+        return FileResult(str(path), "unknown", "", [ConfigIssue(
+            "<file>", f"could not be checked ({type(e).__name__}: {message}); this is a "
+            "clusterflow bug, please report it with the file")])
+
+
+def _validate_file(path: Path, *, check_aws: bool, region: str | None,
+                   subnet_azs: dict[str, str] | None) -> FileResult:
     try:
         raw = load_yaml_mapping(path)
     except ConfigInvalid as e:
@@ -68,13 +95,17 @@ def validate_file(path: Path, *, check_aws: bool = False, region: str | None = N
                 aws=_target(check_aws, str(raw.get("region") or region or "us-east-1")))
             return FileResult(str(path), "batch", summary(cfg), [])
         if is_parallelcluster_config(raw):
+            bad_region = region_issue(raw, region)  # before --check-aws builds a client with it
+            if bad_region:
+                raise ConfigInvalid(str(path), [bad_region])
             cluster = validate_cluster_config(
                 raw, source=str(path), region=region, subnet_azs=subnet_azs,
                 aws=_target(check_aws, config_region(raw, region)))
-            return FileResult(str(path), "parallelcluster", cluster.summary(), [])
+            return FileResult(str(path), "parallelcluster", cluster.summary(), [],
+                              list(cluster.warnings))
     except ConfigInvalid as e:
         kind = "batch" if is_batch_config(raw) else "parallelcluster"
-        return FileResult(str(path), kind, "", e.issues)
+        return FileResult(str(path), kind, "", e.issues, e.warnings)
     hint = (" (files under a batch/ folder are clusterflow Batch configs: add 'kind: batch-mnp')"
             if path.parent.name == "batch" else "")
     return FileResult(str(path), "unknown", "", [ConfigIssue(
@@ -107,7 +138,8 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON array.")] = False,
 ) -> None:
     """Validate cluster configs offline: ParallelCluster's own schema plus clusterflow's checks
-    (EFA support, one AZ for EFA / placement groups, MaxCount >= MinCount, GPU queues)."""
+    (EFA support, placement groups, one AZ for EFA / placement groups, MaxCount >= MinCount;
+    warnings where ParallelCluster warns, and for GPU health checks on types without GPUs)."""
     azs = _parse_subnet_azs(subnet_az or [])
     try:
         results = [validate_file(f, check_aws=check_aws, region=region, subnet_azs=azs)
@@ -124,6 +156,9 @@ def validate(
                 out.print(f"[green]{escape(r.file)}: ok[/] - {escape(r.summary)}")
             for e in r.errors:
                 out.print(f"[red]{escape(r.file)}[/]: {escape(e.path)}: {escape(e.message)}")
+            for w in r.warnings:
+                out.print(f"[yellow]{escape(r.file)}[/]: {escape(w.path)}: warning: "
+                          f"{escape(w.message)}")
         bad = [r for r in results if not r.valid]
         if bad:
             count = sum(len(r.errors) for r in bad)

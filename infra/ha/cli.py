@@ -82,7 +82,7 @@ def drill(
     from rich.logging import RichHandler
 
     from infra.aws.embedded import aws_target
-    from infra.clusters.slurm_local import LocalSlurmError
+    from infra.clusters.slurm_local.layout import LocalSlurmError
     from infra.ha.drill import DrillError, DrillOptions, run_drill
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", datefmt="[%X]",

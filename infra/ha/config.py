@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from infra.backends.shell_safety import PLAIN_PATH, NoControlChars
 
 Design = Literal["standby", "asg"]
 
@@ -26,16 +28,17 @@ class HaConfigError(ValueError):
     """The HA config is invalid; the message names the field."""
 
 
-class SharedVolume(BaseModel):
+class SharedVolume(NoControlChars):
     model_config = ConfigDict(extra="forbid")
 
     size_gib: int = Field(16, ge=1, le=16384)
     volume_type: Literal["gp3", "gp2", "io2", "io1"] = "gp3"
     device: str = Field("/dev/sdf", pattern=r"^/dev/(sd|xvd)[f-p]$")
-    mount_point: str = Field("/shared", pattern=r"^/[^\s]*$")
+    # Written into the user data's settings and mounted at boot: a plain absolute path.
+    mount_point: str = Field("/shared", pattern=PLAIN_PATH)
 
 
-class StandbySettings(BaseModel):
+class StandbySettings(NoControlChars):
     model_config = ConfigDict(extra="forbid")
 
     # StatusCheckFailed is published every minute; two bad minutes before failing over avoids
@@ -44,7 +47,7 @@ class StandbySettings(BaseModel):
     alarm_evaluation_periods: int = Field(2, ge=1, le=10)
 
 
-class AsgSettings(BaseModel):
+class AsgSettings(NoControlChars):
     model_config = ConfigDict(extra="forbid")
 
     # How long an instance may sit in Pending:Wait / Terminating:Wait for its handler.
@@ -52,7 +55,7 @@ class AsgSettings(BaseModel):
     health_check_grace_s: int = Field(300, ge=0)
 
 
-class HaConfig(BaseModel):
+class HaConfig(NoControlChars):
     """One cluster's head-node HA; ``design`` picks standby or asg."""
 
     model_config = ConfigDict(extra="forbid")

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from infra.aws.clients import AwsTarget
-from infra.clusters.slurm_local import LocalSlurm, LocalSlurmError
+from infra.backends.shell_safety import safe_arg
+from infra.clusters.slurm_local.cluster import LocalSlurm
+from infra.clusters.slurm_local.layout import LocalSlurmError
 from infra.ha import head_boot as hb
 from infra.ha.config import HaConfig
 from infra.ha.deploy import Deployment, deploy
@@ -190,7 +192,9 @@ class SlurmHead:
             script = self.jobs_dir / f"job-{k}.sh"
             script.write_text(
                 f"#!/bin/bash\n#SBATCH --job-name=ha-drill-{k}\n#SBATCH --ntasks=1\n"
-                f"sleep {seconds}\necho \"$SLURM_JOB_ID\" > {self.out_dir}/done-$SLURM_JOB_ID\n")
+                f"sleep {float(seconds)}\n"
+                f"echo \"$SLURM_JOB_ID\" > {safe_arg(self.out_dir, 'drill dir')}"
+                "/done-$SLURM_JOB_ID\n")
             proc = self.run("sbatch", "--parsable", "-o", str(self.out_dir / "job-%j.out"),
                             "-D", str(self.out_dir), str(script))
             if proc.returncode != 0:

@@ -12,6 +12,7 @@ import base64
 import json
 from pathlib import Path
 
+from infra.backends.shell_safety import reject_control_chars
 from infra.ha.config import HaConfig
 
 HEAD_BOOT = Path(__file__).resolve().parent / "head_boot.py"
@@ -31,6 +32,8 @@ def boot_settings(cfg: HaConfig) -> dict[str, object]:
 
 
 def render_user_data(cfg: HaConfig) -> str:
+    # The cluster's name goes into a comment line; everything else is inside quoted heredocs.
+    reject_control_chars(cfg.cluster, "cluster")
     script = HEAD_BOOT.read_text()
     settings = json.dumps(boot_settings(cfg), indent=2)
     for mark in (SCRIPT_MARK, SETTINGS_MARK):

@@ -8,8 +8,10 @@ import pytest
 from botocore.exceptions import ClientError
 from typer.testing import CliRunner
 
-from event_bridge.apply import PatternCheckFailed, apply_fabric, queue_url_or_none
+from event_bridge.apply import apply_fabric
 from event_bridge.cli import app
+from event_bridge.ensure_queues import queue_url_or_none
+from event_bridge.ensure_rules import PatternCheckFailed
 from event_bridge.fabric import (
     DEFAULT_FABRIC,
     ArchiveSpec,

@@ -18,7 +18,8 @@ import yaml
 
 from flows.spec import DEFAULT_SPEC
 from infra.aws.clients import AwsTarget
-from infra.clusters.slurm_local import LocalSlurm, slurm_env
+from infra.clusters.slurm_local.cluster import LocalSlurm
+from infra.clusters.slurm_local.layout import slurm_env
 from infra.staging.objects import sha256_file
 from mpi_jobs.heat import reference_solution
 from mpi_jobs.initial_conditions import heat_hotspots

@@ -73,7 +73,7 @@ def test_pipeline_end_to_end_against_endpoint(aws, cli_env, tmp_path):
     subs = sns.list_subscriptions_by_topic(TopicArn=first["fanout"]["topic"])["Subscriptions"]
     assert len(subs) == 2
     rules = [r["Name"] for r in events.list_rules()["Rules"]]
-    assert rules.count("clusterflow-results-manifest-json") == 1
+    assert rules.count("clusterflow-results-e2e-results-manifest-json") == 1
     listed = s3.list_objects_v2(Bucket="e2e-results", Prefix="runs/")["Contents"]
     assert len(listed) == 4  # field.npy + manifest.json, per run
 

@@ -21,7 +21,8 @@ from botocore.exceptions import ClientError
 from infra.aws.clients import AwsTarget
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobStatus
 from infra.backends.providers.remote import append, mirror_paths, remote_argv
-from infra.clusters import batch
+from infra.clusters.batch import bodies, jobs, provision
+from infra.clusters.batch.common import BatchEnvironment, Progress, _quiet
 from infra.clusters.batch_config import BatchMnpConfig
 
 
@@ -47,16 +48,16 @@ class BatchProvider(ExecutionProvider):
     aws: AwsTarget
     config: BatchMnpConfig
     source: str = "<config>"
-    progress: batch.Progress = batch._quiet
+    progress: Progress = _quiet
     label: str = "batch"
-    _env: batch.BatchEnvironment | None = field(default=None, init=False)
+    _env: BatchEnvironment | None = field(default=None, init=False)
     _watch: dict[str, _Watch] = field(default_factory=dict, init=False)
 
-    def environment(self) -> batch.BatchEnvironment:
+    def environment(self) -> BatchEnvironment:
         """Provision (idempotently) on first use; invalid configs are refused before any call
         creates anything."""
         if self._env is None:
-            self._env = batch.ensure_environment(self.aws, self.config, progress=self.progress,
+            self._env = provision.ensure_environment(self.aws, self.config, progress=self.progress,
                                                  source=self.source)
         return self._env
 
@@ -65,24 +66,24 @@ class BatchProvider(ExecutionProvider):
 
     def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
                env: dict[str, str] | None = None) -> JobHandle:
-        batch.nodes_for(self.config, ranks)  # refuse an impossible size before provisioning
+        bodies.nodes_for(self.config, ranks)  # refuse an impossible size before provisioning
         environment = self.environment()
         out, err = mirror_paths(workdir, job_name)
-        job_id = batch.submit(self.aws, environment, name=f"{job_name}-{workdir.name}",
+        job_id = jobs.submit(self.aws, environment, name=f"{job_name}-{workdir.name}",
                               main_command=command, ranks=ranks, environment=env)
         self._watch[job_id] = _Watch()
         self.progress(f"submitted AWS Batch job {job_id} "
-                      f"({batch.nodes_for(self.config, ranks)} nodes, {ranks} ranks)")
+                      f"({bodies.nodes_for(self.config, ranks)} nodes, {ranks} ranks)")
         return JobHandle(job_id=job_id, stdout=out, stderr=err)
 
     def status(self, job: JobHandle) -> JobStatus:
-        desc = batch.describe_job(self.aws, job.job_id)
+        desc = jobs.describe_job(self.aws, job.job_id)
         self._mirror_logs(job, desc)
-        state, code, message = batch.job_state(desc)
+        state, code, message = jobs.job_state(desc)
         return JobStatus(state, code, message)
 
     def cancel(self, job: JobHandle) -> None:
-        batch.terminate(self.aws, job.job_id)
+        jobs.terminate(self.aws, job.job_id)
 
     def _mirror_logs(self, job: JobHandle, desc: dict[str, Any]) -> None:
         watch = self._watch.setdefault(job.job_id, _Watch())

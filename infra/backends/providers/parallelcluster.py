@@ -25,6 +25,15 @@ from pathlib import Path
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.remote import append, mirror_paths, remote_argv
 from infra.backends.remote_shell import RemoteCommandError, RemoteShell, run_checked
+from infra.backends.shell_safety import (
+    PLAIN_PATH,
+    UnsafeValue,
+    export_line,
+    heredoc,
+    reject_control_chars,
+    render_command,
+    safe_arg,
+)
 from infra.clusters.parallelcluster import SLURM_PATH, sections
 
 CHUNK = 7000  # bytes per stream per poll: two base64 chunks stay under SSM's 24,000 chars
@@ -38,7 +47,8 @@ SCONTROL_STATES = {
     "OUT_OF_MEMORY": JobState.FAILED, "BOOT_FAIL": JobState.FAILED, "DEADLINE": JobState.FAILED,
     "PREEMPTED": JobState.FAILED,
 }
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # fullmatch: "$" alone would allow a final "\n"
+_SAFE_ROOT = re.compile(PLAIN_PATH)  # the shared root goes into #SBATCH lines as it is
 
 
 @dataclass(frozen=True)
@@ -103,17 +113,35 @@ class ParallelClusterProvider(ExecutionProvider):
     label: str = "parallelcluster"
     _jobs: dict[str, RemoteJob] = field(default_factory=dict, init=False)
 
+    def __post_init__(self) -> None:
+        # Everything below lands in scripts run as root through SSM: refuse what could not
+        # be quoted (a #SBATCH directive cannot be) before anything is sent.
+        if not _SAFE_ROOT.fullmatch(self.remote_root):
+            raise UnsafeValue(f"remote_root {self.remote_root!r} must be an absolute path of "
+                              "letters, digits and . _ + @ - /")
+        for what, value in (("partition", self.partition), ("run_as", self.run_as),
+                            ("python", self.python), ("mpi", self.mpi)):
+            if value is not None:
+                reject_control_chars(value, what)
+        for k, arg in enumerate(self.sbatch_args):
+            reject_control_chars(arg, f"sbatch_args[{k}]")
+
     def launcher(self) -> SrunLauncher:
         return SrunLauncher(python=self.python, mpi=self.mpi)
 
     def _as_user(self, command: str) -> str:
         if not self.run_as:
             return command
-        return f"sudo -iu {shlex.quote(self.run_as)} bash -c {shlex.quote(command)}"
+        return f"sudo -iu {safe_arg(self.run_as, 'run_as')} bash -c {shlex.quote(command)}"
 
     def batch_script(self, command: list[str], *, ranks: int, job_name: str, directory: str,
                      env: dict[str, str] | None) -> str:
         q = shlex.quote
+        for what, value in (("job name", job_name), ("directory", directory)):
+            if not (_SAFE_NAME if what == "job name" else _SAFE_ROOT).fullmatch(value):
+                raise UnsafeValue(f"{what} {value!r} cannot go into a #SBATCH line")
+        if self.partition and not _SAFE_NAME.fullmatch(self.partition):
+            raise UnsafeValue(f"partition {self.partition!r} cannot go into a #SBATCH line")
         lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={ranks}",
                  f"#SBATCH --output={directory}/{job_name}.out",
                  f"#SBATCH --error={directory}/{job_name}.err",
@@ -122,10 +150,11 @@ class ParallelClusterProvider(ExecutionProvider):
             lines.append(f"#SBATCH --partition={self.partition}")
         lines += [f"#SBATCH {a}" for a in self.sbatch_args]
         exitcode = f"{directory}/{job_name}.exitcode"
-        lines.append(f"trap 'rc=$?; echo $rc > {exitcode}.tmp && mv {exitcode}.tmp {exitcode}'"
-                     " EXIT")
-        lines += [f"export {k}={q(v)}" for k, v in sorted((env or {}).items())]
-        lines.append(" ".join(q(c) for c in command))
+        tmp = f"{exitcode}.tmp"
+        on_exit = f"rc=$?; echo $rc > {q(tmp)} && mv {q(tmp)} {q(exitcode)}"
+        lines.append(f"trap {q(on_exit)} EXIT")
+        lines += [export_line(k, v) for k, v in sorted((env or {}).items())]
+        lines.append(render_command(command))
         return "\n".join(lines) + "\n"
 
     def submit_script(self, batch_script: str, *, directory: str, job_name: str) -> str:
@@ -136,17 +165,17 @@ class ParallelClusterProvider(ExecutionProvider):
             "set -euo pipefail",
             SLURM_PATH,
             f"mkdir -p {shlex.quote(directory)}",
-            f"rm -f {shlex.quote(directory)}/{job_name}.exitcode",
-            f"cat > {shlex.quote(path)} <<'CLUSTERFLOW_SBATCH'",
-            batch_script.rstrip("\n"),
-            "CLUSTERFLOW_SBATCH",
+            f"rm -f {shlex.quote(f'{directory}/{job_name}.exitcode')}",
+            # The delimiter never equals a line of the script, so the script cannot end the
+            # heredoc early and run its remaining lines here, as root.
+            *heredoc(path, batch_script, "CLUSTERFLOW_SBATCH"),
             owner,
             self._as_user(f"{SLURM_PATH}; sbatch --parsable {shlex.quote(path)}"),
         ])
 
     def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
                env: dict[str, str] | None = None) -> JobHandle:
-        if not _SAFE_NAME.match(job_name) or not _SAFE_NAME.match(workdir.name):
+        if not _SAFE_NAME.fullmatch(job_name) or not _SAFE_NAME.fullmatch(workdir.name):
             raise ValueError(f"job name {job_name!r} and run directory {workdir.name!r} must be "
                              "letters, digits, '.', '_' or '-'")
         directory = f"{self.remote_root.rstrip('/')}/{workdir.name}"

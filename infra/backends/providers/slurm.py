@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import ProviderUnavailable
+from infra.backends.shell_safety import export_line, reject_control_chars, render_command
 
 LAUNCHERS = ("srun", "mpiexec")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
@@ -53,6 +55,16 @@ _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                 "Connection refused", "Zero Bytes were transmitted")
 
 
+@dataclass(frozen=True)
+class ArrayItem:
+    """One element of a job array: its index, command line, working dir and environment."""
+
+    index: int
+    command: list[str]
+    workdir: Path
+    env: dict[str, str]
+
+
 class SlurmError(RuntimeError):
     """Slurm refused or failed a request; the message carries Slurm's own words."""
 
@@ -63,7 +75,7 @@ class SlurmUnavailable(SlurmError, ProviderUnavailable):
 
 def valid_time_limit(value: str) -> bool:
     """Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    return bool(_TIME_LIMIT_RE.match(value))
+    return bool(_TIME_LIMIT_RE.fullmatch(value))
 
 
 def default_slurm_conf() -> Path | None:
@@ -74,7 +86,7 @@ def default_slurm_conf() -> Path | None:
     """
     if os.environ.get("SLURM_CONF"):
         return Path(os.environ["SLURM_CONF"])
-    from infra.clusters.slurm_local import default_state_dir
+    from infra.clusters.slurm_local.layout import default_state_dir
 
     local = default_state_dir() / "slurm.conf"
     return None if not local.exists() and SYSTEM_CONF.exists() else local
@@ -102,6 +114,16 @@ def _status(state: str, exit_code: int | None, reason: str = "") -> JobStatus:
     return JobStatus(mapped, exit_code, message)
 
 
+def _array_indices(text: str) -> list[int]:
+    """``3``, ``0-7%2`` or ``1,3,5-6%4`` as the indices they name."""
+    out: list[int] = []
+    for part in text.split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
 class SlurmProvider(ExecutionProvider):
     """Jobs on a Slurm cluster, one ``sbatch`` per ``submit``."""
 
@@ -117,6 +139,11 @@ class SlurmProvider(ExecutionProvider):
         if time_limit is not None and not valid_time_limit(str(time_limit)):
             raise ValueError(f"time limit {time_limit!r} is not a Slurm time (minutes, "
                              "HH:MM:SS or D-HH:MM:SS)")
+        # The batch script records these; a newline in one would start a line of its own.
+        for k, arg in enumerate(sbatch_args):
+            reject_control_chars(arg, f"sbatch_args[{k}]")
+        if partition is not None:
+            reject_control_chars(partition, "partition")
         self.partition = partition
         self.time_limit = None if time_limit is None else str(time_limit)
         self.launcher_name = launcher
@@ -125,6 +152,10 @@ class SlurmProvider(ExecutionProvider):
         self.sbatch_args = tuple(sbatch_args)
         self.cancel_timeout = cancel_timeout
         self.command_timeout = command_timeout
+        # One `scontrol show job ARRAY` answers for every element of an array: pollers of
+        # the same array share it for a moment instead of each asking the controller.
+        self._array_cache: dict[str, tuple[float, dict[int, JobStatus]]] = {}
+        self._array_lock = threading.Lock()
 
     # ---- plumbing
 
@@ -136,7 +167,7 @@ class SlurmProvider(ExecutionProvider):
         return env
 
     def _hint(self) -> str:
-        from infra.clusters.slurm_local import default_state_dir
+        from infra.clusters.slurm_local.layout import default_state_dir
 
         if self.slurm_conf is None or self.slurm_conf == default_state_dir() / "slurm.conf":
             return MAKE_HINT
@@ -202,12 +233,12 @@ class SlurmProvider(ExecutionProvider):
                                      stdout=out, stderr=err, script=script)
         lines = ["#!/bin/bash",
                  "# Written by clusterflow's slurm provider. Submitted as:",
-                 f"#   {shlex.join(sbatch)}"]
+                 f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
-            lines.append(f"#   with SLURM_CONF={shlex.quote(str(self.slurm_conf))}")
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+            lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
+        lines += [export_line(k, v) for k, v in (env or {}).items()]
         # exec: the batch step's exit status is the launcher's, so Slurm reports the ranks'.
-        lines.append(f"exec {shlex.join(command)}")
+        lines.append(f"exec {render_command(command)}")
         script.write_text("\n".join(lines) + "\n")
         script.chmod(0o755)
         # Readers (the pipeline's log forwarding) can open them before the job starts.
@@ -234,7 +265,88 @@ class SlurmProvider(ExecutionProvider):
             msg += f". Partitions: {', '.join(parts.stdout.split()) or '?'}"
         return msg
 
+    def submit_array(self, items: Sequence[ArrayItem], *, ranks: int, job_name: str,
+                     workdir: Path, max_parallel: int) -> list[JobHandle]:
+        """Submit ``items`` as ONE job array (``--array=i,j,k%max_parallel``), one element per
+        item, each with ``ranks`` tasks; returns a handle per item (``ARRAYID_INDEX``).
+
+        One script serves every element: it picks the element's command by
+        ``$SLURM_ARRAY_TASK_ID``. Every command and value is shell-quoted, so nothing from a
+        spec can become code in it.
+        """
+        workdir = workdir.resolve()
+        logs = workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        script = workdir / f"{job_name}.sbatch"
+        indices = ",".join(str(i.index) for i in items)
+        sbatch = self.sbatch_command(ranks=ranks, job_name=job_name, workdir=workdir,
+                                     stdout=logs / "%a.out", stderr=logs / "%a.err",
+                                     script=script)
+        # sbatch_command doubles '%' for literal paths; the array's %a must stay a pattern.
+        sbatch = [a.replace("%%a.", "%a.") for a in sbatch]
+        sbatch.insert(-1, f"--array={indices}%{max_parallel}")
+        lines = ["#!/bin/bash",
+                 "# Written by clusterflow's slurm provider: one job array. Submitted as:",
+                 f"#   {render_command(sbatch)}"]
+        if self.slurm_conf is not None:
+            lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
+        lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+        for item in items:
+            exports = "".join(f"{export_line(k, v)}; " for k, v in item.env.items())
+            lines.append(f"  {int(item.index)}) cd {render_command([str(item.workdir)])} && "
+                         f"{exports}exec {render_command(item.command)} ;;")
+        lines += ["esac",
+                  'echo "clusterflow: no command for array index $SLURM_ARRAY_TASK_ID" >&2',
+                  "exit 2"]
+        script.write_text("\n".join(lines) + "\n")
+        script.chmod(0o755)
+        handles = []
+        for item in items:
+            out, err = logs / f"{item.index}.out", logs / f"{item.index}.err"
+            out.write_bytes(b"")
+            err.write_bytes(b"")
+            handles.append((item.index, out, err))
+        self.ping()
+        proc = self._slurm(*sbatch)
+        if proc.returncode != 0:
+            raise SlurmError(self._explain_refusal(proc.stderr.strip(), ranks))
+        array_id = proc.stdout.strip().split(";")[0]
+        if not array_id.isdigit():
+            raise SlurmError(f"sbatch answered {proc.stdout.strip()!r}, not a job id")
+        return [JobHandle(job_id=f"{array_id}_{i}", stdout=out, stderr=err)
+                for i, out, err in handles]
+
+    def _array_status(self, array_id: str, index: int) -> JobStatus | None:
+        """An array element's status from one shared ``scontrol show job ARRAY`` (~0.3 s old
+        at most); None when the controller no longer knows the element."""
+        with self._array_lock:
+            cached = self._array_cache.get(array_id)
+            if cached is None or time.monotonic() - cached[0] > 0.3:
+                proc = self._slurm("scontrol", "show", "job", "-o", array_id)
+                states: dict[int, JobStatus] = {}
+                if proc.returncode == 0:
+                    for line in proc.stdout.splitlines():
+                        f = dict(re.findall(r"(?:^|\s)(JobState|ExitCode|Reason|ArrayTaskId)"
+                                            r"=(\S*)", line))
+                        if "ArrayTaskId" not in f or "JobState" not in f:
+                            continue
+                        st = _status(f["JobState"], _exit_code(f.get("ExitCode", "")),
+                                     f.get("Reason", ""))
+                        for idx in _array_indices(f["ArrayTaskId"]):
+                            states[idx] = st
+                elif "Invalid job id" not in proc.stderr:
+                    raise SlurmError(f"scontrol show job {array_id} failed: "
+                                     f"{proc.stderr.strip()}")
+                cached = (time.monotonic(), states)
+                self._array_cache[array_id] = cached
+            return cached[1].get(index)
+
     def status(self, job: JobHandle) -> JobStatus:
+        array_id, _, index = job.job_id.partition("_")
+        if index.isdigit():
+            found = self._array_status(array_id, int(index))
+            if found is not None:
+                return found
         proc = self._slurm("scontrol", "show", "job", "-o", job.job_id)
         if proc.returncode == 0:
             fields = dict(re.findall(r"(?:^|\s)(JobState|ExitCode|Reason)=(\S*)", proc.stdout))

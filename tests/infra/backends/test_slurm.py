@@ -32,7 +32,9 @@ from infra.backends.providers.slurm import (
     _status,
     valid_time_limit,
 )
-from infra.clusters.slurm_local import LocalSlurm, LocalSlurmError, install
+from infra.clusters.slurm_local.cluster import LocalSlurm
+from infra.clusters.slurm_local.install import install
+from infra.clusters.slurm_local.layout import LocalSlurmError
 from mpi_jobs.heat import FAIL_RANK_ENV, reference_solution
 from tests.slurm_fixtures import REPO, ensure_local_slurm
 from tests.slurm_fixtures import run_up as _up

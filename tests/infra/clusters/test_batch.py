@@ -31,7 +31,7 @@ from infra.clusters.batch_config import BatchMnpConfig, validate_batch_config
 from infra.clusters.config_issues import ConfigInvalid
 
 REPO = Path(__file__).resolve().parents[3]
-ENTRY = REPO / "infra" / "batch_mnp_entry.py"
+ENTRY = REPO / "infra" / "clusters" / "batch_mnp_entry.py"
 SHIPPED = REPO / "cluster_configs" / "batch"
 
 

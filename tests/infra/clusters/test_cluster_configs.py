@@ -123,12 +123,13 @@ def test_clusterflow_checks_find_what_the_schema_lets_through():
         f"{CR00}.MaxCount",
         f"{CR00}.InstanceType",
         f"{Q0}.Networking.SubnetIds",
-        "Scheduling.SlurmQueues[1].ComputeResources[0].InstanceType",
     ])
     messages = dict(issues_of(exc))
     assert "MaxCount (2) is less than MinCount (4)" in messages[f"{CR00}.MaxCount"]
     assert "'c6i.xlarge' does not support EFA" in messages[f"{CR00}.InstanceType"]
-    assert "GPU queue" in messages["Scheduling.SlurmQueues[1].ComputeResources[0].InstanceType"]
+    # ParallelCluster has no GPU-queue error: a warning, carried with the errors
+    assert [(w.path, "named like a GPU queue" in w.message) for w in exc.value.warnings] == [
+        ("Scheduling.SlurmQueues[1].ComputeResources[0].InstanceType", True)]
 
 
 def test_batch_limits_are_said_in_batchs_words():
@@ -150,8 +151,9 @@ def test_cli_prints_every_error_with_its_path_and_exits_1(cli):
     assert f"{files[0]}: {CR00}.MaxCount: Must be greater than or equal to 1." in lines
     assert f"{files[0]}: {CR00}.Efaa: Unknown field." in lines
     assert any(ln.startswith(f"{files[1]}: ok - ParallelCluster config") for ln in lines)
-    assert sum(ln.startswith(files[2]) for ln in lines) == 4
-    assert lines[-1] == "9 error(s) in 2 of 3 file(s)"
+    assert sum(ln.startswith(files[2]) for ln in lines) == 4  # 3 errors and a warning
+    assert sum(ln.startswith(files[2]) and ": warning: " in ln for ln in lines) == 1
+    assert lines[-1] == "8 error(s) in 2 of 3 file(s)"
 
 
 def test_cli_json_output_and_unrecognised_files(cli, tmp_path):
@@ -250,18 +252,18 @@ def test_max_count_below_min_count_with_parallelclusters_defaults():
                                "lower MinCount")]
 
 
-def test_gpu_queue_by_name_or_by_compute_resource():
+def test_gpu_queue_by_name_or_by_compute_resource_is_a_warning():
     raw = ondemand()
     raw["Scheduling"]["SlurmQueues"][1]["ComputeResources"][0]["InstanceType"] = "c7i.48xlarge"
-    with pytest.raises(ConfigInvalid) as exc:
-        validate(raw)
-    assert paths_of(exc) == ["Scheduling.SlurmQueues[1].ComputeResources[0].InstanceType"]
+    raw["Scheduling"]["SlurmQueues"][1]["ComputeResources"][0]["Efa"]["Enabled"] = False
+    warnings = validate(raw).warnings
+    assert [w.path for w in warnings] == [
+        "Scheduling.SlurmQueues[1].ComputeResources[0].InstanceType"]
     raw = ondemand()
     cr = raw["Scheduling"]["SlurmQueues"][0]["ComputeResources"][0]
     cr["Name"] = "gpu-nodes"
-    with pytest.raises(ConfigInvalid) as exc:
-        validate(raw)
-    assert "compute resource 'gpu-nodes' is a GPU queue" in issues_of(exc)[0][1]
+    assert "compute resource 'gpu-nodes' of queue 'cpu' is named like a GPU queue" in (
+        validate(raw).warnings[0].message)
 
 
 def test_unknown_instance_type_and_duplicate_names():

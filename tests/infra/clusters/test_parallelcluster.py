@@ -43,7 +43,8 @@ from infra.clusters.parallelcluster import (
     teardown_decision,
 )
 from infra.clusters.parallelcluster_validate import load_cluster_config, validate_cluster_config
-from infra.clusters.slurm_local import LocalSlurm, slurm_env
+from infra.clusters.slurm_local.cluster import LocalSlurm
+from infra.clusters.slurm_local.layout import slurm_env
 from tests.slurm_fixtures import ensure_local_slurm
 
 REPO = Path(__file__).resolve().parents[3]

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from infra.clusters.slurm_local import LocalSlurm
+from infra.clusters.slurm_local.cluster import LocalSlurm
 from tests.slurm_fixtures import ensure_local_slurm
 
 REPO = Path(__file__).resolve().parents[3]

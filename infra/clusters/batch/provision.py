@@ -1,4 +1,4 @@
-"""AWS Batch multi-node parallel (MNP) with EFA: the control plane, idempotently.
+"""AWS Batch multi-node parallel (MNP) with EFA: provisioning the control plane, idempotently.
 
 What ``ensure_environment`` converges on, in order (each step describes before it creates):
 
@@ -30,263 +30,32 @@ in its tags, never by comparing the described body.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import math
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from infra.aws.clients import AwsTarget
 from infra.aws.preflight import Preflight
-from infra.backends.providers.base import JobState
-from infra.clusters.batch_config import (
-    MAX_NODE_GROUPS,
-    MAX_NODES,
-    BatchMnpConfig,
-    Volume,
-    aws_issues,
-    instance_issues,
-    subnet_issues,
+from infra.clusters.batch.bodies import (
+    compute_resources,
+    job_definition_request,
+    launch_template_data,
 )
+from infra.clusters.batch.common import (
+    HASH_TAG,
+    BatchDriftError,
+    BatchEnvironment,
+    BatchError,
+    Progress,
+    _code,
+    _quiet,
+    _sha256,
+    _tags,
+)
+from infra.clusters.batch_config import BatchMnpConfig, aws_issues, instance_issues, subnet_issues
 from infra.clusters.config_issues import ConfigInvalid
-
-Progress = Callable[[str], None]
-HASH_TAG = "clusterflow:sha256"
-CANCEL_REASON = "cancelled by clusterflow"
-JOB_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
-PENDING_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING")
-
-
-class BatchError(RuntimeError):
-    """AWS Batch refused or failed something; the message says what and what to do."""
-
-
-class BatchLimitError(BatchError):
-    """A documented AWS Batch multi-node limit would be exceeded."""
-
-
-class BatchDriftError(BatchError):
-    """A resource with clusterflow's name exists with different settings."""
-
-
-@dataclass(frozen=True)
-class BatchEnvironment:
-    config: BatchMnpConfig
-    placement_group: str
-    launch_template_id: str
-    compute_environment_arn: str
-    job_queue_arn: str
-    job_definition_arn: str
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def _code(e: ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
-
-
-def _sha256(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _tags(cfg: BatchMnpConfig) -> dict[str, str]:
-    return {"clusterflow:environment": cfg.name, **cfg.tags}
-
-
-# ---------------------------------------------------------------- request bodies (pure)
-
-
-def fsx_user_data(cfg: BatchMnpConfig) -> str | None:
-    """MIME multipart user data (the form Batch requires) that mounts FSx for Lustre."""
-    if cfg.fsx is None:
-        return None
-    f = cfg.fsx
-    script = "\n".join([
-        "#!/bin/bash",
-        "set -euo pipefail",
-        "dnf install -y lustre-client 2>/dev/null || amazon-linux-extras install -y lustre",
-        f"mkdir -p {f.mount_point}",
-        f"mount -t lustre -o relatime,flock {f.dns_name}@tcp:/{f.mount_name} {f.mount_point}",
-    ])
-    boundary = "==CLUSTERFLOW=="
-    doc = (f'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="{boundary}"\n\n'
-           f'--{boundary}\nContent-Type: text/x-shellscript; charset="us-ascii"\n\n'
-           f"{script}\n\n--{boundary}--\n")
-    return base64.b64encode(doc.encode()).decode()
-
-
-def launch_template_data(cfg: BatchMnpConfig) -> dict[str, Any]:
-    data: dict[str, Any] = {}
-    if cfg.efa:
-        # One EFA per network card (the instance type's maximum unless efa_interfaces says
-        # fewer); card 0 carries the primary interface, the others device index 1.
-        data["NetworkInterfaces"] = [
-            {"NetworkCardIndex": i, "DeviceIndex": 0 if i == 0 else 1, "InterfaceType": "efa",
-             "Groups": list(cfg.security_group_ids), "DeleteOnTermination": True,
-             "Description": f"{cfg.name} EFA {i}"}
-            for i in range(cfg.efa_devices)
-        ]
-    user_data = fsx_user_data(cfg)
-    if user_data:
-        data["UserData"] = user_data
-    return data
-
-
-def compute_resources(cfg: BatchMnpConfig, launch_template: str, placement_group: str,
-                      ) -> dict[str, Any]:
-    cr: dict[str, Any] = {
-        "type": "EC2",
-        "allocationStrategy": "BEST_FIT_PROGRESSIVE",
-        "minvCpus": 0,
-        "desiredvCpus": 0,
-        "maxvCpus": cfg.max_nodes * cfg.instance.vcpus,
-        "instanceTypes": [cfg.instance_type],
-        "subnets": list(cfg.subnets),
-        "securityGroupIds": list(cfg.security_group_ids),
-        "instanceRole": cfg.instance_role,
-        "placementGroup": placement_group,
-        "launchTemplate": {"launchTemplateName": launch_template, "version": "$Latest"},
-        "tags": _tags(cfg),
-    }
-    if cfg.key_pair:
-        cr["ec2KeyPair"] = cfg.key_pair
-    if cfg.image_id:
-        cr["imageId"] = cfg.image_id
-    return cr
-
-
-def _container(cfg: BatchMnpConfig, command: list[str]) -> dict[str, Any]:
-    c = cfg.container
-    resources = [{"type": "VCPU", "value": str(cfg.node_vcpus)},
-                 {"type": "MEMORY", "value": str(cfg.node_memory_mib)}]
-    if c.gpus:
-        resources.append({"type": "GPU", "value": str(c.gpus)})
-    env = {"CLUSTERFLOW_SLOTS_PER_NODE": str(cfg.slots_per_node), **c.environment}
-    if cfg.efa:
-        env.setdefault("FI_PROVIDER", "efa")
-    body: dict[str, Any] = {
-        "image": c.image,
-        "command": command,
-        "instanceType": cfg.instance_type,
-        "resourceRequirements": resources,
-        "environment": [{"name": k, "value": v} for k, v in sorted(env.items())],
-        # EFA registers memory with the NIC; a capped memlock makes libfabric fail at start.
-        "ulimits": [{"name": "memlock", "softLimit": -1, "hardLimit": -1}],
-        "linuxParameters": {"devices": [
-            {"hostPath": f"/dev/infiniband/uverbs{i}",
-             "containerPath": f"/dev/infiniband/uverbs{i}",
-             "permissions": ["READ", "WRITE", "MKNOD"]}
-            for i in range(cfg.efa_devices)
-        ]},
-    }
-    volumes = list(c.volumes)
-    if cfg.fsx and not any(v.host_path == cfg.fsx.mount_point for v in volumes):
-        volumes.append(Volume(host_path=cfg.fsx.mount_point,
-                              container_path=cfg.fsx.mount_point))
-    if volumes:
-        body["volumes"] = [{"name": f"vol{i}", "host": {"sourcePath": v.host_path}}
-                           for i, v in enumerate(volumes)]
-        body["mountPoints"] = [{"sourceVolume": f"vol{i}", "containerPath": v.container_path,
-                                "readOnly": v.read_only} for i, v in enumerate(volumes)]
-    if c.user:
-        body["user"] = c.user
-    return body
-
-
-def node_properties(cfg: BatchMnpConfig, num_nodes: int = 2) -> dict[str, Any]:
-    entry = list(cfg.container.entry)
-    props = {
-        "numNodes": num_nodes,
-        "mainNode": 0,
-        "nodeRangeProperties": [
-            # The main node's real command (mpirun ...) comes with each submission.
-            {"targetNodes": "0:0", "container": _container(cfg, [*entry, "--", "true"])},
-            {"targetNodes": "1:", "container": _container(cfg, entry)},
-        ],
-    }
-    check_node_properties(props)
-    return props
-
-
-def _node_range(spec: str, num_nodes: int) -> tuple[int, int]:
-    start, sep, end = spec.partition(":")
-    if not sep:
-        lo = hi = int(start)
-    else:
-        lo = int(start) if start else 0
-        hi = int(end) if end else num_nodes - 1
-    return lo, hi
-
-
-def check_node_properties(props: Mapping[str, Any],
-                          overrides: Sequence[Mapping[str, Any]] = ()) -> None:
-    """Batch's documented MNP limits, checked before any request is sent."""
-    n = int(props["numNodes"])
-    if not 1 <= n <= MAX_NODES:
-        raise BatchLimitError(f"{n} nodes: an AWS Batch multi-node job has 1 to {MAX_NODES} "
-                              "nodes (the default instance limit of its ECS cluster)")
-    ranges = list(props["nodeRangeProperties"])
-    if len(ranges) > MAX_NODE_GROUPS:
-        raise BatchLimitError(f"{len(ranges)} node groups: AWS Batch allows at most "
-                              f"{MAX_NODE_GROUPS} per multi-node job; merge groups that share "
-                              "a container")
-    types = {r["container"].get("instanceType") for r in ranges} | {
-        o.get("containerOverrides", {}).get("instanceType") for o in overrides} - {None}
-    if len(types) > 1:
-        raise BatchLimitError(f"instance types {sorted(types)}: all node groups of an AWS Batch "
-                              "multi-node job must use the same instance type")
-    covered: list[int] = []
-    for r in ranges:
-        lo, hi = _node_range(r["targetNodes"], n)
-        if lo > hi or hi >= n:
-            raise BatchLimitError(f"node range '{r['targetNodes']}' does not fit {n} nodes "
-                                  f"(indexes 0 to {n - 1})")
-        covered += range(lo, hi + 1)
-    if sorted(covered) != list(range(n)):
-        raise BatchLimitError(f"node ranges {[r['targetNodes'] for r in ranges]} must cover "
-                              f"every node 0 to {n - 1} exactly once")
-
-
-def job_definition_request(cfg: BatchMnpConfig) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "jobDefinitionName": cfg.resource_names()["job_definition"],
-        "type": "multinode",
-        "nodeProperties": node_properties(cfg),
-        "retryStrategy": {"attempts": cfg.attempts},
-        "platformCapabilities": ["EC2"],
-        "propagateTags": True,
-    }
-    if cfg.timeout_minutes:
-        body["timeout"] = {"attemptDurationSeconds": cfg.timeout_minutes * 60}
-    return body
-
-
-def nodes_for(cfg: BatchMnpConfig, ranks: int) -> int:
-    """Nodes for ``ranks`` at ``slots_per_node`` each; refused outside what MNP can run."""
-    nodes = math.ceil(ranks / cfg.slots_per_node)
-    if nodes < 2:
-        raise BatchLimitError(
-            f"{ranks} ranks fit on one {cfg.instance_type} ({cfg.slots_per_node} ranks per node) "
-            "but a multi-node job has at least 2 nodes (main + workers): raise ranks above "
-            f"{cfg.slots_per_node}, lower ranks_per_node, or use the local or parallelcluster "
-            "backend")
-    if nodes > min(cfg.max_nodes, MAX_NODES):
-        raise BatchLimitError(
-            f"{ranks} ranks need {nodes} nodes of {cfg.slots_per_node} ranks but the "
-            f"environment allows {min(cfg.max_nodes, MAX_NODES)} (max_nodes; AWS Batch's limit "
-            f"is {MAX_NODES}): lower ranks or raise max_nodes")
-    return nodes
-
-
-# ---------------------------------------------------------------- provisioning
 
 
 def preflight(aws: AwsTarget, cfg: BatchMnpConfig, source: str = "<config>") -> None:
@@ -522,80 +291,3 @@ def delete_environment(aws: AwsTarget, cfg: BatchMnpConfig, *, progress: Progres
     for item in deleted:
         progress(f"deleted {item}")
     return deleted
-
-
-# ---------------------------------------------------------------- jobs
-
-
-def job_name(name: str) -> str:
-    return JOB_NAME_RE.sub("-", name)[:128] or "clusterflow"
-
-
-def submit(aws: AwsTarget, env: BatchEnvironment, *, name: str, main_command: list[str],
-           ranks: int, environment: Mapping[str, str] | None = None) -> str:
-    """Submit one MNP job sized for ``ranks``; returns the job id."""
-    cfg = env.config
-    nodes = nodes_for(cfg, ranks)
-    env_list = [{"name": k, "value": v} for k, v in sorted((environment or {}).items())]
-    overrides = [
-        {"targetNodes": "0:0", "containerOverrides": {"command": main_command,
-                                                      "environment": env_list}},
-        {"targetNodes": "1:", "containerOverrides": {"environment": env_list}},
-    ]
-    props = node_properties(cfg, nodes)
-    check_node_properties(props, overrides)
-    resp = aws.client("batch").submit_job(
-        jobName=job_name(name), jobQueue=env.job_queue_arn, jobDefinition=env.job_definition_arn,
-        nodeOverrides={"numNodes": nodes, "nodePropertyOverrides": overrides},
-        tags=_tags(cfg), propagateTags=True,
-    )
-    return str(resp["jobId"])
-
-
-def describe_job(aws: AwsTarget, job_id: str) -> dict[str, Any]:
-    jobs = aws.client("batch").describe_jobs(jobs=[job_id])["jobs"]
-    if not jobs:
-        raise BatchError(f"AWS Batch does not know job {job_id} (jobs are kept ~7 days after "
-                         "they end)")
-    return dict(jobs[0])
-
-
-def failure_reason(job: Mapping[str, Any]) -> str:
-    """Every reason Batch gives, most specific first: the job, its container, its attempts."""
-    parts: list[str] = []
-
-    def add(label: str, value: Any) -> None:
-        if value not in (None, "") and f"{label}{value}" not in parts:
-            parts.append(f"{label}{value}")
-
-    add("", job.get("statusReason"))
-    container = job.get("container", {})
-    add("container: ", container.get("reason"))
-    add("exit code ", container.get("exitCode"))
-    for k, attempt in enumerate(job.get("attempts", []), 1):
-        add(f"attempt {k}: ", attempt.get("statusReason"))
-        add(f"attempt {k} container: ", attempt.get("container", {}).get("reason"))
-        add(f"attempt {k} exit code ", attempt.get("container", {}).get("exitCode"))
-    return "; ".join(parts) or "AWS Batch gave no reason; see the main node's log stream"
-
-
-def job_state(job: Mapping[str, Any]) -> tuple[JobState, int | None, str]:
-    status = job.get("status", "")
-    code = job.get("container", {}).get("exitCode")
-    if status in PENDING_STATES:
-        return JobState.PENDING, None, status
-    if status == "RUNNING":
-        return JobState.RUNNING, None, status
-    if status == "SUCCEEDED":
-        return JobState.COMPLETED, code if code is not None else 0, status
-    if status == "FAILED":
-        reason = failure_reason(job)
-        if CANCEL_REASON in str(job.get("statusReason", "")):
-            return JobState.CANCELLED, code, reason
-        return JobState.FAILED, code, reason
-    raise BatchError(f"unexpected AWS Batch job status {status!r}")
-
-
-def terminate(aws: AwsTarget, job_id: str, reason: str = CANCEL_REASON) -> None:
-    """Stop the job in any state (terminate_job also cancels jobs that have not started)."""
-    aws.client("batch").terminate_job(jobId=job_id, reason=reason)

@@ -1,0 +1,76 @@
+"""Backends as the pipeline opens them: each one once per run, closed when the run ends.
+
+A cloud backend (a ParallelCluster cluster, a Batch environment) is expensive to open; a
+multi-step run shares one of each among all its steps and applies ``teardown`` only when the
+whole pipeline ends, failed or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from infra.aws.clients import AwsTarget
+from infra.backends.providers.base import ExecutionProvider
+from infra.backends.providers.local import LocalProvider
+
+if TYPE_CHECKING:
+    from flows.spec import PipelineSpec
+
+
+def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
+    from infra.backends.providers.slurm import SlurmProvider
+
+    o = spec.slurm
+    return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
+                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args)
+
+
+@contextlib.contextmanager
+def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[ExecutionProvider]:
+    """The spec's provider; cloud backends create what they need on entry (a cluster, a Batch
+    environment) and apply the spec's ``teardown`` on exit, whether the jobs succeeded or not.
+    """
+    if spec.backend == "local":
+        yield LocalProvider()
+    elif spec.backend == "slurm":
+        yield slurm_provider(spec)
+    elif spec.backend == "parallelcluster":
+        from infra.backends.settings import parallelcluster_backend
+
+        with parallelcluster_backend(spec.parallelcluster, aws, progress=logger.info) as p:
+            yield p
+    else:
+        from infra.backends.settings import batch_backend
+
+        with batch_backend(spec.batch, aws, progress=logger.info) as p:
+            yield p
+
+
+class BackendSession:
+    """Opens each backend a run uses on first use, once, and closes them all at the end."""
+
+    def __init__(self, spec: PipelineSpec, aws: AwsTarget, logger: Any) -> None:
+        self.spec, self.aws, self.logger = spec, aws, logger
+        self._stack = contextlib.ExitStack()
+        self._open: dict[str, ExecutionProvider] = {}
+        self._lock = threading.Lock()
+
+    def get(self, backend: str) -> ExecutionProvider:
+        with self._lock:
+            if backend not in self._open:
+                spec = self.spec.model_copy(update={"backend": backend})
+                self._open[backend] = self._stack.enter_context(
+                    open_backend(spec, self.aws, self.logger))
+            return self._open[backend]
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> BackendSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

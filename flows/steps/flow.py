@@ -1,0 +1,94 @@
+"""The steps part of a pipeline run: plan, run every point, and write the run's manifest.
+
+Called from inside the ``hpc-pipeline`` flow between provision and fan-out, so a multi-step
+run has the same shape in the Prefect UI and the same "results ready" event as a one-kernel
+run: the run's ``manifest.json`` lists every step and point, and every published file
+relative to ``<prefix><run-id>/`` with its sha256 (the consumers verify exactly those).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.backends import BackendSession
+from flows.spec import PipelineSpec, step_plan
+from flows.steps.execute import StepRun
+from flows.steps.graph import Point
+from flows.steps.runner import DONE_OK, GraphScheduler
+from infra.aws.clients import AwsTarget
+
+RUN_EVENTS_TOPIC = "clusterflow-run-events.fifo"
+
+
+class PipelineFailed(RuntimeError):
+    """Some step or point failed; ``summary`` still describes every point of the run."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class StepsOutcome:
+    manifest: dict[str, Any]
+    points: list[dict[str, Any]]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [p for p in self.points if p["state"] not in DONE_OK]
+
+
+def run_events_publisher(aws: AwsTarget, run_id: str, logger: Any) -> Any:
+    """Per-point lifecycle events on the fabric's FIFO run-events topic (ordered per run)."""
+    from event_bridge.ensure_topics import find_topic
+    from event_bridge.run_events import publish_run_event
+
+    sns = aws.client("sns")
+    arn = find_topic(sns, RUN_EVENTS_TOPIC) or sns.create_topic(
+        Name=RUN_EVENTS_TOPIC, Attributes={"FifoTopic": "true"})["TopicArn"]
+
+    def publish(point: Point, stage: str, detail: dict[str, Any]) -> None:
+        publish_run_event(aws, arn, run_id, f"step:{point.task_name}:{stage}",
+                          {"step": point.step, "point": point.label, "state": stage, **detail})
+
+    return publish
+
+
+def point_view(result: dict[str, Any]) -> dict[str, Any]:
+    """A point as the summary and the manifest show it."""
+    keys = ("state", "backend", "job_id", "ranks", "seconds", "computed_by", "error")
+    view = {"point": result["label"], "params": result["params"],
+            **{k: result.get(k) for k in keys if result.get(k) is not None}}
+    view["outputs"] = [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]}
+                       for f in result.get("files", [])]
+    return view
+
+
+def run_steps(spec: PipelineSpec, spec_path: Path, aws: AwsTarget, run_id: str,
+              run_dir: Path, logger: Any) -> StepsOutcome:
+    plan = step_plan(spec, spec_path)
+    with BackendSession(spec, aws, logger) as backends:
+        run = StepRun(spec=spec, plan=plan, aws=aws, run_id=run_id, run_dir=run_dir,
+                      backends=backends, logger=logger,
+                      events=run_events_publisher(aws, run_id, logger))
+        results = GraphScheduler(run, reuse=spec.reuse_result).run_all()
+    ordered = [results[p.key] for p in plan.all_points()]
+    files = []
+    for r in ordered:
+        if r["state"] in DONE_OK:
+            base = f"{r['step']}/{r['label']}/" if r["label"] else f"{r['step']}/"
+            files += [{"name": base + f["name"], "sha256": f["sha256"], "bytes": f["bytes"]}
+                      for f in r["files"]]
+    steps: dict[str, Any] = {}
+    for name, step in plan.steps.items():
+        points = [point_view(r) for r in ordered if r["step"] == name]
+        steps[name] = {"uses": step.uses, "command": step.command,
+                       "backend": step.backend or spec.backend, "points": points}
+    state = "succeeded" if all(r["state"] in DONE_OK for r in ordered) else "failed"
+    manifest = {"run_id": run_id, "spec": spec.name, "state": state, "files": files,
+                "steps": steps}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return StepsOutcome(manifest=manifest, points=ordered)
