@@ -73,10 +73,10 @@ def _cases(tmp: Path, endpoint: str) -> dict[str, Case]:
         "run-missing": Case(["run", "--spec", str(tmp / "nope.yaml")], 2, "nope.yaml"),
         "run-region-placeholder": Case(
             ["run", "--spec", str(_spec(tmp / "r1", region="{{ region }}"))], 2,
-            "region: '{{ region }}'"),
+            "region: '{{ region }}'", lines=2),
         "run-region-malformed": Case(
             ["run", "--spec", str(_spec(tmp / "r2", region="us east 1"))], 2,
-            "region: 'us east 1'"),
+            "region: 'us east 1'", lines=2),
         "run-endpoint-closed": Case(["run", "--spec", str(_spec(tmp / "e1"))], 2,
                                     f"AWS_ENDPOINT_URL {closed} cannot be reached",
                                     env={"AWS_ENDPOINT_URL": closed}),
@@ -120,7 +120,7 @@ def _cases(tmp: Path, endpoint: str) -> dict[str, Case]:
                                           f"{f['folder']} is a directory"),
         "local-up-region": Case(
             ["local", "up", "--spec", str(_spec(tmp / "r3", region="{{ region }}"))], 2,
-            "region: '{{ region }}'"),
+            "region: '{{ region }}'", lines=2),
         "deploy-api-closed": Case(["deploy"], 2, f"PREFECT_API_URL {closed}/api cannot be "
                                   "reached", env={"PREFECT_API_URL": f"{closed}/api"}),
     }
