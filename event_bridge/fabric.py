@@ -247,6 +247,19 @@ class Fabric(_Strict):
     # None: no dedup table (consumers that need idempotency then cannot run here).
     dedup: DedupSpec | None = DedupSpec()
 
+    @field_validator("region")
+    @classmethod
+    def _region_name(cls, v: str | None) -> str | None:
+        from botocore.exceptions import InvalidRegionError
+        from botocore.utils import validate_region_name
+
+        try:
+            if v is not None:
+                validate_region_name(v)  # botocore's rule, checked before any call
+        except InvalidRegionError:
+            raise ValueError(f"{v!r} is not an AWS region name (like us-east-1)") from None
+        return v
+
     def queue(self, name: str) -> QueueSpec:
         return next(q for q in self.queues if q.name == name)
 

@@ -228,6 +228,11 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
     return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text())}
 
 
+# Without reuse_result: the same task with no cache key, so nothing is stored (with_options
+# cannot drop a cache_key_fn, and persist_result=False on it warns on every run).
+mpi_run_uncached = task(mpi_run.fn, name="mpi_run", cache_policy=NO_CACHE)
+
+
 @task(name="fetch_result", cache_policy=NO_CACHE)
 def fetch_result(spec: PipelineSpec, aws: AwsTarget, computed_by: str, manifest: dict[str, Any],
                  out_dir: Path) -> None:
@@ -367,8 +372,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         if spec.kernel.input_key is not None:
             spec = grid_from_input(spec, staged.path)
         # Only a reusable result needs its record stored.
-        run = mpi_run.with_options(retries=spec.kernel.retries,
-                                   persist_result=spec.reuse_result)
+        run = (mpi_run if spec.reuse_result else mpi_run_uncached).with_options(
+            retries=spec.kernel.retries)
         record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
         manifest, computed_by = record["manifest"], record["run_id"]
         if computed_by != run_id:  # a cached record: the outputs are an earlier run's

@@ -14,7 +14,9 @@ import time
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -69,6 +71,11 @@ class _LazyBar:
             self.bar.stop()
 
 
+def _error(message: str) -> None:
+    # Escaped: user text (paths, keys, patterns with [...]) is never read as rich markup.
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
+
+
 def stage(
     src: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
     dst: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local directory.")],
@@ -92,15 +99,20 @@ def stage(
 
     Unchanged files are skipped; a re-run after an interruption moves only the rest.
     """
+    from infra.aws.reachability import check_endpoint, check_region, one_line
+
     if aws not in ("embedded", "real"):
-        err.print(f"[red]error:[/] --aws must be 'embedded' or 'real', not {aws!r}")
+        _error(f"--aws must be 'embedded' or 'real', not {aws!r}")
         raise typer.Exit(2)
     try:
         s, d = parse_location(src), parse_location(dst)
         options = StageOptions(concurrency=concurrency, allow_empty=allow_empty, sha256=sha256,
                                follow_links=follow_links)
-    except (StageError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        check_region(region, field="--region")
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            check_endpoint(os.environ["AWS_ENDPOINT_URL"])
+    except (StageError, ValueError, AwsConfigError) as e:
+        _error(str(e))
         raise typer.Exit(2) from None
 
     from infra.aws.embedded import aws_target, recorded_server, state_dir
@@ -118,19 +130,27 @@ def stage(
             report = stager.stage(s, d)
     except AwsConfigError as e:
         bar.stop()
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        _error(str(e))
         raise typer.Exit(1) from None
     except (UnsafeKeyError, OutsideLinkError) as e:
         bar.stop()
-        err.print(f"[red]refused:[/] {e}", highlight=False)
+        err.print(f"[red]refused:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    except ParamValidationError as e:  # e.g. a bucket name S3 cannot have: nothing was moved
+        bar.stop()
+        _error(one_line(e))
+        raise typer.Exit(2) from None
+    except (BotoCoreError, ClientError) as e:  # the endpoint went away, access denied, ...
+        bar.stop()
+        _error(one_line(e))
+        raise typer.Exit(1) from None
     except StageError as e:
         bar.stop()
         hint = ""
         if started_here and "s3://" in src:
             hint = ("\nhint: the embedded AWS endpoint was started for this command only and is "
                     "empty; set AWS_ENDPOINT_URL to the endpoint that holds the data")
-        err.print(f"[red]error:[/] {e}{hint}", highlight=False)
+        _error(f"{e}{hint}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         bar.stop()
@@ -142,7 +162,8 @@ def stage(
         sys.stdout.write(json.dumps(summary) + "\n")
         return
     out = Console(soft_wrap=True)
-    out.print(f"[bold green]staged[/] {s.uri} -> {d.uri} in {report.seconds:.2f} s",
+    out.print(f"[bold green]staged[/] {escape(s.uri)} -> {escape(d.uri)} in "
+              f"{report.seconds:.2f} s",
               highlight=False)
     out.print(f"copied   {report.copied} files, {human_bytes(report.bytes_copied)}")
     out.print(f"skipped  {report.unchanged} unchanged files, {human_bytes(report.bytes_skipped)}"
