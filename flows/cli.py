@@ -92,6 +92,7 @@ def _mount() -> None:
     from infra.clusters.validate_cli import register as register_validate
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage
+    from infra.telemetry.cli import telemetry_app
 
     register_validate(app)  # clusterflow validate FILE...
     register_stage(app)  # clusterflow stage SRC DST
@@ -100,6 +101,7 @@ def _mount() -> None:
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
     app.add_typer(ha_app, name="ha")  # drill ...
+    app.add_typer(telemetry_app, name="telemetry")  # show RUN
 
 
 _mount()
