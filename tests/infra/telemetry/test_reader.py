@@ -18,7 +18,8 @@ BIN = Path(sys.executable).parent
 
 def _steps(rank: int, seconds: list[float], every: int = 1) -> list[dict]:
     return [{"run_id": "r", "rank": rank, "kind": "step", "step": (i + 1) * every,
-             "steps": every, "seconds": s, "wait_seconds": s / 10, "bytes": 100} for i, s in enumerate(seconds)]
+             "steps": every, "seconds": s, "wait_seconds": s / 10, "bytes": 100}
+            for i, s in enumerate(seconds)]
 
 
 def test_imbalance_is_slowest_rank_over_mean_on_constructed_data():
