@@ -16,6 +16,7 @@ from infra.telemetry.provision import TelemetryConfig, ensure_telemetry, registe
 
 MODE_ENV = "CLUSTERFLOW_TELEMETRY"
 MODES = ("off", "kinesis", "apigateway")
+BUFFER_ENV = "CLUSTERFLOW_TELEMETRY_BUFFER_SECONDS"  # Firehose's interval, when it is created
 
 
 class TelemetryModeError(ValueError):
@@ -31,7 +32,10 @@ def telemetry_env(aws: AwsTarget, run_id: str, bucket: str | None = None,
         return {}
     if mode not in MODES:
         raise TelemetryModeError(f"{MODE_ENV}={mode!r}: use one of {', '.join(MODES)}")
-    cfg = cfg or TelemetryConfig(**({"bucket": bucket} if bucket else {}))
+    if cfg is None:
+        buffer = os.environ.get(BUFFER_ENV, "")
+        extra = {"buffer_seconds": int(buffer)} if buffer.isdigit() else {}
+        cfg = TelemetryConfig.for_bucket(bucket, **extra) if bucket else TelemetryConfig(**extra)
     try:
         endpoints = ensure_telemetry(aws, cfg)
         register_run(aws, endpoints, run_id)

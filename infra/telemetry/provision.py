@@ -8,6 +8,7 @@ Kinesis -> Firehose delivery and the API stage invocation are gap fills
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -30,6 +31,10 @@ RECORDS_MODEL = {
 }
 
 
+class TelemetrySetupError(RuntimeError):
+    """What exists under the telemetry names does not fit this configuration."""
+
+
 class TelemetryConfig(BaseModel):
     """Names and limits of the telemetry path (defaults fit one team's account)."""
 
@@ -45,6 +50,17 @@ class TelemetryConfig(BaseModel):
     stage: str = "v1"
     rate_limit: float = Field(50.0, gt=0)  # requests per second per API key
     burst_limit: int = Field(100, ge=1)
+
+
+    @classmethod
+    def for_bucket(cls, bucket: str, **overrides: Any) -> TelemetryConfig:
+        """One path per results bucket: a delivery stream delivers to one bucket only, so the
+        names carry a short hash of the bucket and two specs never share (or steal) a stream."""
+        tag = hashlib.sha256(bucket.encode()).hexdigest()[:8]
+        names = {"stream": f"clusterflow-telemetry-{tag}",
+                 "delivery_stream": f"clusterflow-telemetry-{tag}-to-s3",
+                 "api_name": f"clusterflow-telemetry-{tag}", "bucket": bucket}
+        return cls(**{**names, **overrides})
 
 
 class TelemetryEndpoints(BaseModel):
@@ -116,6 +132,14 @@ def _stream(aws: AwsTarget, cfg: TelemetryConfig) -> str:
 def _firehose(aws: AwsTarget, cfg: TelemetryConfig, stream_arn: str) -> None:
     firehose = aws.client("firehose")
     if cfg.delivery_stream in firehose.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]:
+        desc = firehose.describe_delivery_stream(DeliveryStreamName=cfg.delivery_stream)
+        dest = desc["DeliveryStreamDescription"]["Destinations"][0]
+        got = (dest.get("ExtendedS3DestinationDescription") or dest.get(
+            "S3DestinationDescription") or {}).get("BucketARN", "").split(":")[-1]
+        if got != cfg.bucket:
+            raise TelemetrySetupError(
+                f"delivery stream {cfg.delivery_stream} delivers to bucket {got!r}, not "
+                f"{cfg.bucket!r}: give this bucket its own delivery stream name")
         return
     bucket_arn = f"arn:aws:s3:::{cfg.bucket}"
     role = _role(aws, f"{cfg.delivery_stream}-role", "firehose.amazonaws.com", [
