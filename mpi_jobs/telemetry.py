@@ -11,7 +11,8 @@ without credentials). Firehose then delivers the stream to S3 under
 ``CLUSTERFLOW_TELEMETRY_API_KEY``     the API key for the URL
 ``CLUSTERFLOW_TELEMETRY_ENDPOINT``    optional AWS endpoint URL for Kinesis (the embedded endpoint)
 ``CLUSTERFLOW_TELEMETRY_REGION``      optional region for Kinesis (else the AWS default)
-``CLUSTERFLOW_TELEMETRY_EVERY``       report every N-th step (default 1)
+``CLUSTERFLOW_TELEMETRY_EVERY``       report at most every N-th step (default 1)
+``CLUSTERFLOW_TELEMETRY_MIN_SECONDS`` and at most every S seconds (default 0.2; 0 = every step)
 
 With none of the first three set, every call here is a no-op. A user's own step reports with::
 
@@ -52,6 +53,7 @@ ENV_KEY = "CLUSTERFLOW_TELEMETRY_API_KEY"
 ENV_ENDPOINT = "CLUSTERFLOW_TELEMETRY_ENDPOINT"
 ENV_REGION = "CLUSTERFLOW_TELEMETRY_REGION"
 ENV_EVERY = "CLUSTERFLOW_TELEMETRY_EVERY"
+ENV_MIN_SECONDS = "CLUSTERFLOW_TELEMETRY_MIN_SECONDS"
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID",
               "AWS_BATCH_JOB_NODE_INDEX")
 
@@ -273,19 +275,25 @@ def halo_bytes(cart: Any, local_shape: tuple[int, ...], itemsize: int) -> int:
 
 
 class StepReporter:
-    """The callback a kernel's time-step loop calls: one record per (N-th) step.
+    """The callback a kernel's time-step loop calls; it emits one record per block of steps.
 
-    ``step(n, waited)`` measures seconds since the previous call itself, so the kernel adds
-    only the halo-wait timing it alone can see.
+    ``step(n, waited)`` measures seconds since the previous record itself, so the kernel adds
+    only the halo-wait timing it alone can see. A record covers the steps since the previous
+    one (``steps``; ``seconds``/``wait_seconds`` are means per step) and is emitted when ``n``
+    is a multiple of ``every`` *and* at least ``min_seconds`` have passed: with short steps a
+    record per step would cost more than the 2% budget (tens of microseconds each), so by
+    default a rank reports at most 5 times a second. ``close()`` reports the last block.
     """
 
     def __init__(self, reporter: Reporter, kernel: str, bytes_per_step: int = 0,
-                 every: int = 1) -> None:
+                 every: int = 1, min_seconds: float = 0.2) -> None:
         self.reporter, self.kernel = reporter, kernel
         self.bytes_per_step, self.every = bytes_per_step, max(1, every)
+        self.min_seconds = max(0.0, min_seconds)
         self._last = time.perf_counter()
         self._waited = 0.0
         self._steps = 0
+        self._step = 0
 
     @classmethod
     def from_env(cls, rank: int, kernel: str, bytes_per_step: int = 0) -> StepReporter | None:
@@ -293,23 +301,35 @@ class StepReporter:
         if reporter is None:
             return None
         every = os.environ.get(ENV_EVERY, "1")
-        return cls(reporter, kernel, bytes_per_step, int(every) if every.isdigit() else 1)
+        try:
+            min_seconds = float(os.environ.get(ENV_MIN_SECONDS, "0.2"))
+        except ValueError:
+            min_seconds = 0.2
+        return cls(reporter, kernel, bytes_per_step, int(every) if every.isdigit() else 1,
+                   min_seconds)
 
     def step(self, step: int, waited: float = 0.0) -> None:
         self._waited += waited
         self._steps += 1
+        self._step = step
         if step % self.every:
             return
         now = time.perf_counter()
-        seconds, self._last = now - self._last, now
+        if now - self._last >= self.min_seconds:
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        n = self._steps
         self.reporter.report(
-            kind="step", kernel=self.kernel, step=step, steps=self._steps,
-            seconds=seconds / self._steps,
-            wait_seconds=self._waited / self._steps, bytes=self.bytes_per_step * self._steps,
+            kind="step", kernel=self.kernel, step=self._step, steps=n,
+            seconds=(now - self._last) / n, wait_seconds=self._waited / n,
+            bytes=self.bytes_per_step * n,
             rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        self._waited, self._steps = 0.0, 0
+        self._last, self._waited, self._steps = now, 0.0, 0
 
     def close(self) -> dict[str, Any]:
+        if self._steps:
+            self._emit(time.perf_counter())
         return self.reporter.close()
 
 

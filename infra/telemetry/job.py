@@ -45,6 +45,9 @@ def telemetry_env(aws: AwsTarget, run_id: str, bucket: str | None = None,
             type(e).__name__, e)
         return {}
     env = {"CLUSTERFLOW_RUN_ID": run_id}
+    for name in ("CLUSTERFLOW_TELEMETRY_EVERY", "CLUSTERFLOW_TELEMETRY_MIN_SECONDS"):
+        if os.environ.get(name):  # the sampling a user asked for reaches remote ranks too
+            env[name] = os.environ[name]
     if mode == "kinesis":
         env["CLUSTERFLOW_TELEMETRY_STREAM"] = endpoints.stream
         env["CLUSTERFLOW_TELEMETRY_REGION"] = aws.region

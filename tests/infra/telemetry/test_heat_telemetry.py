@@ -36,7 +36,8 @@ def _heat(tmp_path: Path, env: dict[str, str]) -> dict:
 def test_heat_ranks_report_every_step_into_s3_and_show_reads_it(aws, tmp_path, mode):
     cfg, ep = fresh(aws)
     run_id = f"heat-{mode}-{os.getpid()}"
-    env = telemetry_env(aws, run_id, mode=mode, cfg=cfg)
+    env = {**telemetry_env(aws, run_id, mode=mode, cfg=cfg),
+           "CLUSTERFLOW_TELEMETRY_MIN_SECONDS": "0"}  # a record per step
     assert ("CLUSTERFLOW_TELEMETRY_STREAM" in env) == (mode == "kinesis")
     manifest = _heat(tmp_path, env)
     tele = manifest["telemetry"]
@@ -64,12 +65,27 @@ def test_down_endpoint_does_not_fail_the_job_and_the_manifest_counts_the_drops(t
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     manifest = _heat(tmp_path, {"CLUSTERFLOW_RUN_ID": "down", "CLUSTERFLOW_TELEMETRY_URL": dead,
-                                "CLUSTERFLOW_TELEMETRY_API_KEY": "k"})
+                                "CLUSTERFLOW_TELEMETRY_API_KEY": "k",
+                                "CLUSTERFLOW_TELEMETRY_MIN_SECONDS": "0"})
     tele = manifest["telemetry"]
     assert tele["sent"] == 0 and tele["dropped"] == 2 * STEPS, tele
     assert tele["dropped_by_reason"]["dropped_send_failed"] == 2 * STEPS
     assert "Connection refused" in tele["last_error"] or "URLError" in tele["last_error"]
     assert np.load(tmp_path / "out" / "field.npy").shape == (48, 32)
+
+
+def test_by_default_a_record_covers_a_block_of_steps_and_every_step_counts(aws, tmp_path):
+    cfg, ep = fresh(aws)
+    env = telemetry_env(aws, "blocks", mode="kinesis", cfg=cfg)
+    # 40 steps of >= 10 ms: >= 0.4 s per rank, so blocks of >= 0.2 s make a few records
+    manifest = _heat(tmp_path, {**env, "CLUSTERFLOW_STEP_DELAY_SECONDS": "0.01"})
+    sent = manifest["telemetry"]["sent"]
+    assert 2 <= sent < 2 * STEPS and manifest["telemetry"]["dropped"] == 0
+    got = delivered(aws, ep.bucket, "telemetry/run_id=blocks/", sent)
+    assert len(got) == sent and {r["step"] for r in got if r["steps"] > 1}
+    summary, _ = read_run(aws, ep.bucket, "blocks")
+    assert [(r.steps, r.last_step) for r in summary.ranks] == [(STEPS, STEPS)] * 2
+    assert all(r.seconds >= 0.01 * STEPS for r in summary.ranks)  # the delays are in it
 
 
 def test_without_telemetry_env_the_manifest_says_none(tmp_path):

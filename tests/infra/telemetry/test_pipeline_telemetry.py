@@ -20,7 +20,8 @@ def test_pipeline_run_reports_through_the_api_and_show_reads_it(aws, cli_env, tm
                        "input_prefix": "inputs/", "results_prefix": "runs/"}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     cli_env.update(AWS_ENDPOINT_URL=aws.endpoint_url, CLUSTERFLOW_TELEMETRY="apigateway",
-                   CLUSTERFLOW_TELEMETRY_BUFFER_SECONDS="1")
+                   CLUSTERFLOW_TELEMETRY_BUFFER_SECONDS="1",
+                   CLUSTERFLOW_TELEMETRY_MIN_SECONDS="0")  # forwarded to the ranks
     proc = run_cli(["run", "--spec", str(tmp_path / "spec.yaml"), "--json"], cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = json.loads(proc.stdout)["run_id"]
