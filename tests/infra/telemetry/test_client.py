@@ -67,3 +67,22 @@ def test_throttled_api_calls_are_counted_as_throttled(aws):
     counts = rep.close()
     assert counts["sent"] >= 1 and counts["dropped_throttled"] >= 1, counts
     assert counts["sent"] + counts["dropped"] == 5
+
+
+def test_a_users_step_reports_with_the_documented_one_liner(aws, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from infra.telemetry.job import telemetry_env
+
+    cfg, ep = fresh(aws)
+    env = {**os.environ, **telemetry_env(aws, "user-step", mode="apigateway", cfg=cfg),
+           "OMPI_COMM_WORLD_RANK": "5"}
+    code = ("from mpi_jobs.telemetry import report\n"
+            "for i in range(3): report(kind='user', phase='assemble', item=i)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = delivered(aws, ep.bucket, "telemetry/run_id=user-step/", 3)
+    assert sorted(r["item"] for r in got) == [0, 1, 2] and {r["rank"] for r in got} == {5}
