@@ -161,6 +161,7 @@ def _mount() -> None:
     from infra.guard.cli import guard_app
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage
+    from infra.telemetry.cli import telemetry_app
 
     register_validate(app)  # clusterflow validate FILE...
     register_stage(app)  # clusterflow stage SRC DST
@@ -170,6 +171,7 @@ def _mount() -> None:
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
     app.add_typer(ha_app, name="ha")  # drill ...
     app.add_typer(guard_app, name="guard")  # block | unblock | list | audit | lockdown | sweep
+    app.add_typer(telemetry_app, name="telemetry")  # show RUN
 
 
 _mount()

@@ -35,6 +35,7 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
+from infra.telemetry.job import telemetry_env
 
 MANIFEST = "manifest.json"
 
@@ -205,7 +206,8 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
         command = provider.launcher().command(spec.ranks, argv)
         logger.info("launching on %s: %s", provider.label, " ".join(command))
         job = provider.submit(command, ranks=spec.ranks, job_name=info.name, workdir=run_dir,
-                              env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                              env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                   **telemetry_env(aws, run_id, spec.storage.results_bucket)})
         offsets = {job.stdout: 0, job.stderr: 0}
 
         def forward(_: JobStatus) -> None:

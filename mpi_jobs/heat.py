@@ -76,6 +76,7 @@ from mpi_jobs.stencil import (
     stencil_step,
     total_heat_scale,
 )
+from mpi_jobs.telemetry import StepReporter, halo_bytes, telemetry_summary
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -231,17 +232,22 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     interior = box_array([block.interior_box()], ndim)
     shell = box_array(block.shell_boxes(), ndim)
     timer = RankTimer()
+    tele = StepReporter.from_env(rank, PROG, halo_bytes(cart, u.shape, u.itemsize))  # or None
     for step in range(first + 1, steps + 1):
         with timer:
             scale = heat.scale_factor if heat.due(step) else None
             requests = exchange[id(u)]
             MPI.Prequest.Startall(requests)
             high, low, bad = update_boxes(u, new, alpha, interior, scale)
+            waited = time.perf_counter()
             MPI.Request.Waitall(requests)
+            waited = time.perf_counter() - waited
             h, lo, b = update_boxes(u, new, alpha, shell, scale)
             u, new = new, u
             if scale is not None:
                 heat.record(step, high + h, low + lo, bad | b)
+        if tele is not None:
+            tele.step(step, waited)
         if step == 1 and rank == failing:
             raise RuntimeError(f"injected failure ({FAIL_RANK_ENV})")
         if delay:
@@ -258,6 +264,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             checkpointer.save(step, arrays, {"pieces": pieces})
 
     heat.reduce()
+    telemetry = cart.gather(tele.close() if tele is not None else None, root=0)
     field = block.gather(u)
     rank_seconds = cart.gather(timer.seconds, root=0)
     if rank == 0:
@@ -289,6 +296,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             },
             restarted_from_step=first if args.restart else None,
             checkpoints_written=checkpointer.saved if checkpointer else 0,
+            telemetry=telemetry_summary(telemetry),
         )
     # Nobody reports success before the outputs exist; if rank 0 fails writing, its Abort
     # reaches ranks still waiting here.

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 def apply() -> None:
     """Install every gap fill; idempotent."""
-    from infra.aws.moto_gaps import fanout, placement_groups
+    from infra.aws.moto_gaps import apigateway_invoke, fanout, kinesis_firehose, placement_groups
 
     fanout.apply()
     placement_groups.apply()  # the Batch backend's cluster placement groups
+    kinesis_firehose.apply()  # run telemetry: Kinesis -> Firehose -> S3
+    apigateway_invoke.apply()  # run telemetry: API Gateway stage -> Kinesis
