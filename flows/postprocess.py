@@ -26,6 +26,7 @@ from infra.staging.objects import IntegrityError, download, upload
 FIELD = "field.npy"
 SUMMARY = "summary.json"
 PICTURE = "field.png"
+TELEMETRY_PICTURE = "telemetry.png"
 # A PNG wider than this shows nothing more on a screen; bigger fields are strided down.
 MAX_PIXELS = 1024
 
@@ -139,6 +140,27 @@ def _summarize_other(aws: AwsTarget, manifest: dict[str, Any], bucket: str, key:
     return summary
 
 
+def attach_telemetry(aws: AwsTarget, manifest: dict[str, Any], bucket: str, prefix: str,
+                     run_id: str, work_dir: Path) -> dict[str, Any] | None:
+    """The run's telemetry picture (per-rank timelines, load imbalance) next to its manifest,
+    as ``clusterflow telemetry show --png`` draws it; None when the run reported none yet
+    (telemetry off, or Firehose still buffering)."""
+    if not (manifest.get("telemetry") or {}).get("sent"):
+        return None
+    from infra.telemetry.reader import plot, read_run
+
+    summary, records = read_run(aws, bucket, run_id)
+    if not records:
+        get_run_logger().info("run %s: telemetry not delivered yet; no timeline picture",
+                              run_id)
+        return None
+    work_dir.mkdir(parents=True, exist_ok=True)
+    plot(summary, records, str(work_dir / TELEMETRY_PICTURE))
+    upload(aws, work_dir / TELEMETRY_PICTURE, bucket, prefix + TELEMETRY_PICTURE)
+    return {"picture": f"s3://{bucket}/{prefix}{TELEMETRY_PICTURE}",
+            "load_imbalance": summary.load_imbalance, "slowest_rank": summary.slowest_rank}
+
+
 @flow(name="postprocess", log_prints=True)
 def postprocess(key: str, bucket: str | None = None, spec_path: str | None = None,
                 aws_mode: str | None = None) -> dict[str, Any]:
@@ -161,6 +183,8 @@ def postprocess(key: str, bucket: str | None = None, spec_path: str | None = Non
             return _summarize_other(aws, manifest, bucket, key, prefix, run_id, work_dir)
         summary = summarize(manifest, field_path, f"s3://{bucket}/{key}")
         summary["run_id"] = run_id
+        summary["telemetry"] = attach_telemetry(aws, manifest, bucket, prefix, run_id,
+                                                work_dir)
         picture = render(field_path, f"{run_id}: {summary['kernel'] or 'field'} "
                          f"{'x'.join(map(str, summary['statistics']['shape']))}",
                          work_dir / PICTURE)

@@ -34,6 +34,7 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.staging.objects import IntegrityError, download, sha256_file, upload
+from infra.telemetry.job import telemetry_env
 from mpi_jobs.catalog import KERNELS
 
 STEP_MANIFEST = "step.json"
@@ -61,6 +62,9 @@ class StepRun:
         self.arrays: dict[str, Any] = {}  # step -> ArrayBatch (Slurm job arrays)
         self._staged: dict[tuple[str, str], Path] = {}
         self._s3_ids: dict[str, Any] = {}
+        # Set up once per run; {} unless CLUSTERFLOW_TELEMETRY turns it on. A user's step
+        # reports with mpi_jobs.telemetry.report, the bundled kernels by themselves.
+        self.telemetry = telemetry_env(aws, run_id, spec.storage.results_bucket)
         self._lock = threading.Lock()
 
     # ---- where things go
@@ -238,7 +242,7 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
             argv = in_dir(out, command_argv(step, values, run.plan.spec_dir))
         provider = run.backends.get(backend)
         command = wrap(step, provider, backend, ranks, argv)
-        env = job_env(step, values)
+        env = {**job_env(step, values), **run.telemetry}
         run.logger.info("%s on %s (%d rank%s): %s", point.task_name, backend, ranks,
                         "s" * (ranks != 1), " ".join(command))
         job = _submit(run, provider, step, point, command, ranks, work, env)

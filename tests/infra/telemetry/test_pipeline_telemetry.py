@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -37,6 +39,20 @@ def test_pipeline_run_reports_through_the_api_and_show_reads_it(aws, cli_env, tm
     summary = json.loads(show.stdout)
     assert summary["registered"] is True
     assert [(r["rank"], r["steps"]) for r in summary["ranks"]] == [(0, 25), (1, 25)]
+
+    # The on-result flow attaches the same picture to the run, next to its manifest.
+    code = ("import json, sys; from flows.postprocess import postprocess; "
+            "print(json.dumps(postprocess(key=sys.argv[1], spec_path=sys.argv[2])))")
+    post = subprocess.run([sys.executable, "-c", code, f"runs/{run_id}/manifest.json",
+                           str(tmp_path / "spec.yaml")], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert post.returncode == 0, post.stderr[-3000:]
+    attached = json.loads(post.stdout.strip().splitlines()[-1])["telemetry"]
+    assert attached["picture"] == f"s3://tele-e2e-out/runs/{run_id}/telemetry.png"
+    assert attached["load_imbalance"] == summary["load_imbalance"]
+    png = aws.client("s3").get_object(Bucket="tele-e2e-out",
+                                      Key=f"runs/{run_id}/telemetry.png")["Body"].read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_delivery_stream_of_another_bucket_is_refused(aws):
