@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.budget import check_budget
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -90,7 +91,7 @@ def run(
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
     try:
         # Refuse a bad spec before anything starts.
-        load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+        check_budget(load_spec(spec, ranks=ranks, aws=aws, backend=backend), spec)
     except SpecError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
@@ -131,6 +132,7 @@ def _mount() -> None:
     from event_bridge.cli import app as events_app
     from flows.local_cli import local_app
     from flows.local_cli import register as register_deploy
+    from flows.planning.command import register as register_plan
     from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
     from infra.ha.cli import ha_app
@@ -139,6 +141,7 @@ def _mount() -> None:
     register_validate(app)  # clusterflow validate FILE...
     register_stage(app)  # clusterflow stage SRC DST
     register_deploy(app)  # clusterflow deploy
+    register_plan(app)  # clusterflow plan SPEC
     app.add_typer(events_app, name="events")  # apply | show | drain | replay | dlq ...
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
 from flows.backends import open_backend, slurm_provider
+from flows.budget import budget_watch, check_budget
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import aws_target
@@ -292,7 +293,8 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
     backends = {s.backend or spec.backend for s in spec.step_list()}
     if "slurm" in backends:
         slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
-    with aws_target(spec.aws, spec.region) as aws:
+    with aws_target(spec.aws, spec.region) as aws, \
+            budget_watch(spec, spec_path, aws, logger.warning):
         applied = timed("provision", provision, spec, aws, run_dir)
         outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger)
         sent = timed("publish", publish_manifest, spec, aws, run_id, run_dir)
@@ -337,6 +339,7 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     """
     spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
     spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
+    check_budget(spec, spec_path)  # a deployment's run is refused like the CLI's
     if input_key is not None:  # validated like the spec's own key; nothing else re-read
         kernel = type(spec.kernel).model_validate(
             {**spec.kernel.model_dump(), "input_key": input_key})
@@ -356,7 +359,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         return steps_pipeline(spec, Path(spec_path), run_id, run_dir)
     if spec.backend == "slurm":
         slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
-    with aws_target(spec.aws, spec.region) as aws:
+    with aws_target(spec.aws, spec.region) as aws, \
+            budget_watch(spec, spec_path, aws, get_run_logger().warning):
         applied = timed("provision", provision, spec, aws, run_dir)
         staged = timed("stage_in", stage_in, spec, aws, run_dir)
         if spec.kernel.input_key is not None:

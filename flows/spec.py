@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from flows.kernel_defaults import HeatDefaults, KmerDefaults, VarDefaults
 from flows.steps.graph import GraphError, Plan, build_plan
 from flows.steps.model import StepSpec
+from flows.watchdog import Budget
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
 from infra.backends.shell_safety import NoControlChars
 from infra.yaml_models import load_yaml_model
@@ -162,6 +163,8 @@ class PipelineSpec(_Strict):
     steps: list[StepSpec] | None = Field(
         None, min_length=1, description="a graph of steps (bundled kernels and your own "
         "commands) instead of the single kernel; see the README's 'Steps and sweeps'")
+    budget: Budget | None = Field(None, description="refuse a run estimated above max_usd; "
+                                  "stop one whose spend passes it (see `clusterflow plan`)")
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
