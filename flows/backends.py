@@ -25,7 +25,8 @@ def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
 
     o = spec.slurm
     return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
-                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args)
+                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args,
+                         requeue=o.requeue, max_interruptions=o.max_interruptions)
 
 
 @contextlib.contextmanager

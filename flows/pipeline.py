@@ -34,6 +34,7 @@ from infra.aws.embedded import aws_target
 from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
+from infra.backends.providers.spot import attempts_file, read_interruptions
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 
 MANIFEST = "manifest.json"
@@ -191,7 +192,9 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
     info = spec.kernel_info
     out_dir = run_dir / "out"
     checkpoints = run_dir / "checkpoints" if spec.kernel.checkpoint_every else None
-    restart = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
+    # With requeue (Spot) the same script runs again after a reclaim: it must always resume.
+    restart = checkpoints is not None and (spec.slurm.requeue and spec.backend == "slurm" or (
+        checkpoints.is_dir() and any(checkpoints.iterdir())))
     argv = python_module(info.module, *info.argv(
         spec.kernel.parameters, input_path, out_dir, checkpoint_dir=checkpoints,
         checkpoint_every=spec.kernel.checkpoint_every, restart=restart))
@@ -221,7 +224,9 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
             f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
             f"{_rank_error(job.stderr.read_text(errors='replace'))}"
         )
-    return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text())}
+    spot = read_interruptions(attempts_file(run_dir, info.name)).as_dict()
+    return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),
+            "spot": spot}
 
 
 @task(name="fetch_result", cache_policy=NO_CACHE)
@@ -416,4 +421,6 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     }
     if main == "field.npy":
         summary["field_sha256"] = main_entry["sha256"]
+    if "spot" in record:  # requeues after node loss and the time their attempts ran
+        summary["spot"] = record["spot"]
     return summary

@@ -84,6 +84,10 @@ class SlurmOptions(_Strict):
     conf: Path | None = Field(None, description="slurm.conf; default $SLURM_CONF, the local "
                               "cluster of `make slurm`, else Slurm's own default")
     sbatch_args: list[str] = Field(default_factory=list)
+    requeue: bool = Field(False, description="sbatch --requeue: a job whose node is lost (a "
+                          "Spot reclaim) runs again and resumes from its newest checkpoint")
+    max_interruptions: int = Field(3, ge=0, le=100, description="requeues before the job "
+                                   "fails instead of resuming (bounds Spot spend)")
 
     @field_validator("time_limit")
     @classmethod
