@@ -42,6 +42,9 @@ def _summary(result: dict[str, Any]) -> None:
     for q, r in result["fanout"]["queues"].items():
         out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
                   f"{r['verified']} verified")
+    if result.get("spot", {}).get("interruptions"):
+        out.print(f"interrupted       {result['spot']['interruptions']} time(s), "
+                  f"{result['spot']['seconds_lost']:.1f} s in interrupted attempts")
 
 
 def _steps_summary(result: dict[str, Any]) -> None:
@@ -87,14 +90,22 @@ def run(
     aws: Annotated[str | None, typer.Option(
         help="'embedded' (local moto, the default) or 'real' (your AWS account).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only the read-only checks against the account; create nothing.")
+    ] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
     try:
         # Refuse a bad spec before anything starts.
-        check_budget(load_spec(spec, ranks=ranks, aws=aws, backend=backend), spec)
+        loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+        check_budget(loaded, spec)
     except SpecError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    if dry_run:
+        from flows.planning.dryrun import dry_run as check_only
+
+        raise typer.Exit(check_only(loaded, spec, as_json))
 
     from flows import prefect_runtime
     from infra.aws.embedded import state_dir

@@ -57,13 +57,17 @@ def _target(spec: PipelineSpec, offline: bool) -> Iterator[tuple[Any, str, str, 
 
 
 def build(spec: PipelineSpec, spec_path: Path, prices: Path | None,
-          offline: bool) -> dict[str, Any]:
+          offline: bool, aws: Any = None) -> dict[str, Any]:
+    """The plan as a dict (``--json``); ``aws``: check against this target instead."""
     from flows.budget import run_estimate
     from flows.planning.resources import inventory
 
     est = run_estimate(spec, spec_path, prices)
-    with _target(spec, offline) as (aws, reason, label, fresh):
-        resources = inventory(spec, aws, reason, fresh=fresh)
+    if aws is not None:
+        resources, reason, label, fresh = inventory(spec, aws), "", aws.label, False
+    else:
+        with _target(spec, offline) as (aws, reason, label, fresh):
+            resources = inventory(spec, aws, reason, fresh=fresh)
     out: dict[str, Any] = {
         "spec": spec.name, "path": str(spec_path), "backend": spec.backend, "aws": label,
         "checked": aws is not None or fresh, "not_checked": reason,
