@@ -92,8 +92,8 @@ class Watchdog:
         hours = (time.monotonic() - self.started) / 3600
         self.message = (f"budget exceeded: {hours * 3600:.0f} s x {self.usd_per_hour:g} USD/h "
                         f"= {self.spent():.4f} USD passed budget.max_usd ({self.max_usd:g} "
-                        "USD); the run's jobs were cancelled and its cluster/environment "
-                        "torn down")
+                        "USD); the run's jobs were cancelled" + (
+                            " and its cluster/environment torn down" if self.teardown else ""))
         self.tripped = True
         self.log(self.message)
         for provider, job in list(self.jobs):

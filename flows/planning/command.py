@@ -33,7 +33,7 @@ def _target(spec: PipelineSpec, offline: bool) -> Iterator[tuple[Any, str, str, 
     from infra.aws.embedded import recorded_server
 
     if offline:
-        yield None, "not checked (--offline)", "offline", False
+        yield None, "not checked (--offline)", "no endpoint (--offline)", False
         return
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
     if spec.aws == "real":

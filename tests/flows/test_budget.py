@@ -111,3 +111,38 @@ def test_budget_watch_turns_a_tripped_block_into_budget_exceeded(aws, tmp_path):
             budget_watch(spec, spec_path, aws, log=lambda _: None) as dog:
         assert dog is not None
         time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def batch_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded endpoint with the placement-group extension that Batch provisioning needs."""
+    from infra.aws.clients import AwsTarget
+    from tests.infra.clusters.test_batch import start_server
+
+    server = start_server(tmp_path_factory.mktemp("moto-budget") / "moto.log")
+    yield AwsTarget(region="us-east-1", endpoint_url=server.url, embedded=True)
+    server.stop()
+
+
+def test_the_watchdog_removes_a_batch_environment_whatever_teardown_says(batch_endpoint,
+                                                                        tmp_path):
+    from infra.clusters import batch
+    from infra.clusters.batch_config import load_batch_config
+    from tests.infra.clusters.test_batch import NOTHING, created, network, raw_config
+
+    raw = raw_config(network(batch_endpoint))
+    config = tmp_path / "batch.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    spec_path = _write(tmp_path, "batch", {
+        "backend": "batch", "ranks": 72, "batch": {"config": str(config), "teardown": "never"},
+        "budget": {"max_usd": 0.001, "hourly_usd": 3600, "check_seconds": 0.05}})
+    spec = load_spec(spec_path)
+    cfg = load_batch_config(config)
+    batch.ensure_environment(batch_endpoint, cfg)
+    assert created(batch_endpoint, cfg) != NOTHING
+    with pytest.raises(BudgetExceeded, match="torn down"), \
+            budget_watch(spec, spec_path, batch_endpoint, log=lambda _: None):
+        deadline = time.monotonic() + 60
+        while created(batch_endpoint, cfg) != NOTHING and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert created(batch_endpoint, cfg) == NOTHING

@@ -212,3 +212,11 @@ def test_plan_cli_text_and_json(cli_env, tmp_path):
     assert ("fsx data repository association", "create", "deleted") in actions
     bad = run_cli(["plan", str(tmp_path / "missing.yaml")], cli_env, tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_inventory_asks_parallelcluster_whether_the_cluster_exists(aws, tmp_path):
+    spec = load_spec(_write(tmp_path, {**_pc(PC_OD, teardown="never"), "ranks": 8}))
+    got = {r.kind: r for r in inventory(spec, aws)}
+    assert got["parallelcluster cluster"].action == "create"  # pcluster: no such cluster
+    assert got["parallelcluster cluster"].at_end == "kept"  # teardown: never
+    assert got["fsx lustre file system"].at_end == "kept"
