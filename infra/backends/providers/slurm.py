@@ -214,7 +214,7 @@ class SlurmProvider(ExecutionProvider):
         return SrunLauncher()
 
     def sbatch_command(self, *, ranks: int, job_name: str, workdir: Path, stdout: Path,
-                       stderr: Path, script: Path) -> list[str]:
+                       stderr: Path, script: Path, requeue: bool = False) -> list[str]:
         # '%' starts a filename pattern (%j = job id) for sbatch; '%%' is a literal one.
         cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--ntasks={ranks}",
                f"--output={str(stdout).replace('%', '%%')}",
@@ -225,7 +225,7 @@ class SlurmProvider(ExecutionProvider):
             cmd.append(f"--time={self.time_limit}")
         if self.overcommit:
             cmd.append("--overcommit")
-        if self.requeue:
+        if requeue:  # only single jobs: their script carries the max_interruptions guard
             cmd += ["--requeue", "--open-mode=append"]
         return [*cmd, *self.sbatch_args, str(script)]
 
@@ -236,7 +236,8 @@ class SlurmProvider(ExecutionProvider):
         out, err = workdir / f"{job_name}.out", workdir / f"{job_name}.err"
         script = workdir / f"{job_name}.sbatch"
         sbatch = self.sbatch_command(ranks=ranks, job_name=job_name, workdir=workdir,
-                                     stdout=out, stderr=err, script=script)
+                                     stdout=out, stderr=err, script=script,
+                                     requeue=self.requeue)
         lines = ["#!/bin/bash",
                  "# Written by clusterflow's slurm provider. Submitted as:",
                  f"#   {render_command(sbatch)}"]

@@ -103,7 +103,7 @@ def test_past_max_interruptions_the_job_is_not_resumed(local_slurm, tmp_path):
 def test_the_script_asks_for_requeue_and_guards_the_bound(tmp_path):
     provider = SlurmProvider(requeue=True, max_interruptions=4, slurm_conf=tmp_path / "none")
     cmd = provider.sbatch_command(ranks=2, job_name="j", workdir=tmp_path, stdout=tmp_path / "o",
-                                  stderr=tmp_path / "e", script=tmp_path / "s")
+                                  stderr=tmp_path / "e", script=tmp_path / "s", requeue=True)
     assert "--requeue" in cmd and "--open-mode=append" in cmd
     plain = SlurmProvider(slurm_conf=tmp_path / "none").sbatch_command(
         ranks=2, job_name="j", workdir=tmp_path, stdout=tmp_path / "o", stderr=tmp_path / "e",
