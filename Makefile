@@ -38,6 +38,7 @@ bench: bench-kernels bench-staging bench-events bench-scheduling
 bench-kernels: venv
 	$(BIN)/python bench/kernels_heat.py
 	$(BIN)/python bench/kernels_kmer.py
+	$(BIN)/python bench/kernels_kmer_long.py
 	$(BIN)/python bench/mpi_pingpong.py
 	$(BIN)/python bench/kernels_plot.py
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -37,7 +38,7 @@ app.add_typer(dlq_app, name="dlq")
 
 # Piped output keeps whole names instead of folding tables to 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200, soft_wrap=True)
 
 FabricOpt = Annotated[Path, typer.Option("--fabric", help="Fabric YAML.")]
 AwsOpt = Annotated[str, typer.Option(
@@ -49,7 +50,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    # Escaped: a message quoting a pattern like ^[a-z0-9]+$ must keep its brackets.
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -61,17 +63,33 @@ def _fabric(path: Path) -> Fabric:
 
 
 def _region(fabric: Fabric | None, region: str | None) -> str:
-    return (region or (fabric.region if fabric else None) or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    from infra.aws.reachability import check_region
+
+    sources = [("--region", region), ("the fabric's region", fabric.region if fabric else None),
+               ("AWS_REGION", os.environ.get("AWS_REGION")),
+               ("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION"))]
+    name, value = next(((n, v) for n, v in sources if v), ("default", "us-east-1"))
+    try:
+        check_region(value, field=name)  # named by where it came from, before any call
+    except AwsConfigError as e:
+        raise _fail(str(e), 2) from None
+    return value
 
 
 @contextlib.contextmanager
 def _target(mode: str, region: str) -> Iterator[AwsTarget]:
     from infra.aws.embedded import aws_target, recorded_server
+    from infra.aws.reachability import check_endpoint, one_line
 
     if mode not in ("embedded", "real"):
         raise _fail(f"--aws must be 'embedded' or 'real', not {mode!r}", 2)
-    if mode == "embedded" and not os.environ.get("AWS_ENDPOINT_URL") and not recorded_server():
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        try:
+            check_endpoint(endpoint)
+        except AwsConfigError as e:
+            raise _fail(str(e), 2) from None
+    if mode == "embedded" and not endpoint and not recorded_server():
         raise _fail("no running AWS endpoint to act on: start one with `clusterflow local up`, "
                     "set AWS_ENDPOINT_URL, or use --aws real", 2)
     try:
@@ -79,6 +97,8 @@ def _target(mode: str, region: str) -> Iterator[AwsTarget]:
             yield aws
     except AwsConfigError as e:
         raise _fail(str(e), 2) from None
+    except (BotoCoreError, ClientError) as e:  # e.g. the endpoint went away, access denied
+        raise _fail(one_line(e)) from None
 
 
 def _logging(level: int) -> None:
@@ -109,11 +129,12 @@ def apply_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
     if as_json:
         _emit(applied.as_dict())
         return
-    out.print(f"[bold green]fabric applied[/] on {target.label}: {len(applied.queues)} queues, "
+    out.print(f"[bold green]fabric applied[/] on {escape(target.label)}: "
+              f"{len(applied.queues)} queues, "
               f"{len(applied.topics)} topics, {len(applied.rules)} rules, "
               f"{len(applied.archives)} archives")
     for change in applied.changes or ["no change: everything already matched the fabric"]:
-        out.print(f"  {change}")
+        out.print(f"  {change}", markup=False)
 
 
 @app.command("show")
@@ -132,35 +153,38 @@ def show_cmd(fabric: FabricOpt = DEFAULT_FABRIC, aws: AwsOpt = "embedded",
                   "visibility", "drift", box=None)
     for name, q in report["queues"].items():
         if q.get("missing"):
-            table.add_row(name, "[red]missing[/]", "", "", "", "", "", "")
+            table.add_row(escape(name), "[red]missing[/]", "", "", "", "", "", "")
             continue
-        table.add_row(name, str(q["visible"]), str(q["in_flight"]), q.get("dlq", "-"),
-                      str(q.get("dlq_depth", "-")), str(q.get("max_receive_count", "-")),
-                      f"{q['visibility_timeout']} s", "; ".join(q["drift"]))
+        table.add_row(escape(name), str(q["visible"]), str(q["in_flight"]),
+                      escape(q.get("dlq", "-")), str(q.get("dlq_depth", "-")),
+                      str(q.get("max_receive_count", "-")), f"{q['visibility_timeout']} s",
+                      escape("; ".join(q["drift"])))
     out.print(table)
     for name, t in report["topics"].items():
         if t.get("missing"):
-            out.print(f"topic {name}: [red]missing[/]")
+            out.print(f"topic {escape(name)}: [red]missing[/]")
             continue
-        out.print(f"topic {name}")
+        out.print(f"topic {name}", markup=False)
         for s in t["subscriptions"]:
             policy = f" filter {json.dumps(s['filter_policy'])}" if "filter_policy" in s else ""
-            out.print(f"  -> {s['protocol']} {s['endpoint'].rsplit(':', 1)[-1]}{policy}")
+            out.print(f"  -> {s['protocol']} {s['endpoint'].rsplit(':', 1)[-1]}{policy}",
+                      markup=False)
     for name, r in report["rules"].items():
-        state = "[red]missing[/]" if r.get("missing") else r["state"]
+        state = "[red]missing[/]" if r.get("missing") else escape(r["state"])
         targets = ", ".join(a.rsplit(":", 1)[-1] for a in r.get("targets", []))
-        out.print(f"rule {name}: {state} -> {targets}")
+        out.print(f"rule {escape(name)}: {state} -> {escape(targets)}")
     for name, a in report["archives"].items():
-        out.print(f"archive {name}: " + ("[red]missing[/]" if a.get("missing")
-                                         else f"{a['state']}, {a['event_count']} events"))
+        out.print(f"archive {escape(name)}: " + (
+            "[red]missing[/]" if a.get("missing")
+            else escape(f"{a['state']}, {a['event_count']} events")))
     for c in report["consumers"]:
         out.print(f"consumer {c['name']}: {c['source']} -> {c['handler']}"
-                  + ("" if c["background"] else " (drain only)"))
+                  + ("" if c["background"] else " (drain only)"), markup=False)
     if report["in_sync"]:
         out.print("[green]in sync with the fabric[/]")
         return
     drift = drift_lines(report)
-    out.print(f"[yellow]not in sync[/]: missing {', '.join(report['missing']) or '-'}; "
+    out.print(f"[yellow]not in sync[/]: missing {escape(', '.join(report['missing']) or '-')}; "
               f"{len(drift)} drift(s)", highlight=False)
     for line in drift:
         out.print(f"  drift: {escape(line)}", highlight=False)
@@ -255,7 +279,7 @@ def replay_cmd(
     else:
         out.print(f"replay {result['replay']} from archive {result['archive']}: "
                   f"{result['state']} ({result['since']} .. {result['until']}) to rules "
-                  f"{', '.join(result['rules'])}")
+                  f"{', '.join(result['rules'])}", markup=False)
 
 
 @dlq_app.command("ls")
@@ -276,11 +300,12 @@ def dlq_ls(
         _emit(listing)
         return
     depth = listing["depth"]
-    out.print(f"{listing['dlq']}: {depth['visible']} message(s), {depth['in_flight']} in flight")
+    out.print(f"{listing['dlq']}: {depth['visible']} message(s), {depth['in_flight']} in flight",
+              markup=False)
     table = Table("message id", "receives", "bytes", "body", box=None)
-    for m in listing["messages"]:
-        table.add_row(m["message_id"], str(m["receive_count"]), str(m["bytes"]),
-                      m["body"][:80].replace("\n", " "))
+    for m in listing["messages"]:  # bodies are anyone's text: escaped, never markup
+        table.add_row(escape(m["message_id"]), str(m["receive_count"]), str(m["bytes"]),
+                      escape(m["body"][:80].replace("\n", " ")))
     out.print(table)
 
 
@@ -298,13 +323,15 @@ def dlq_redrive(
     with _target(aws, _region(None, region)) as target:
         try:
             result = redrive(target, queue, method=method)
-        except (LookupError, ValueError) as e:
+        except (LookupError, ValueError) as e:  # also RedriveUnsupported: nothing was moved
             raise _fail(str(e), 2) from None
+        except RuntimeError as e:  # the move task itself failed
+            raise _fail(str(e)) from None
     if as_json:
         _emit(result.as_dict())
     else:
         out.print(f"moved {result.moved} message(s) from {result.dlq} back to {queue} "
-                  f"({result.method}, {result.status})")
+                  f"({result.method}, {result.status})", markup=False)
 
 
 if __name__ == "__main__":

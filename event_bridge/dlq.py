@@ -28,6 +28,10 @@ class NoDeadLetterQueue(LookupError):
     """The queue has no RedrivePolicy, so it has no DLQ to inspect or redrive."""
 
 
+class RedriveUnsupported(ValueError):
+    """The method asked for is one the endpoint does not implement; nothing was moved."""
+
+
 @dataclass
 class RedriveResult:
     queue: str
@@ -129,8 +133,12 @@ def redrive(aws: AwsTarget, queue: str, method: str = "auto", wait_s: float = 30
             handle = sqs.start_message_move_task(SourceArn=dlq_arn,
                                                  DestinationArn=info.arn)["TaskHandle"]
         except ClientError as e:
-            if method == "move-task" or not endpoint_lacks_call(aws, e):
+            if not endpoint_lacks_call(aws, e):
                 raise
+            if method == "move-task":
+                raise RedriveUnsupported(
+                    f"{aws.label} does not implement StartMessageMoveTask; nothing was moved. "
+                    "Use --method copy (or auto, which falls back to copy there)") from None
         else:
             return _wait_for_task(aws, queue, dlq_name, dlq_arn, handle, wait_s)
     elif method != "copy":

@@ -26,6 +26,11 @@ def ensure_bucket(s3: Any, name: str, region: str, changes: list[str]) -> None:
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
     s3.create_bucket(Bucket=name, **kwargs)
+    # Parts of a multipart upload whose process was killed are billed until aborted; on a
+    # bucket we create, S3 aborts them after a week (the stager also reclaims its own).
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [{
+        "ID": "clusterflow-abort-incomplete-multipart", "Status": "Enabled",
+        "Filter": {"Prefix": ""}, "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7}}]})
     changes.append(f"created bucket {name}")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infra.aws.naming import check_bucket_name
 from infra.yaml_models import load_yaml_model
 
 DEFAULT_FABRIC = Path(__file__).parent / "fabric.yaml"
@@ -25,7 +26,6 @@ QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,75}(\.fifo)?$")
 TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,251}(\.fifo)?$")
 RULE_RE = re.compile(r"^[.\-_A-Za-z0-9]{1,64}$")
 TARGET_ID_RE = re.compile(r"^[.\-_A-Za-z0-9]{1,64}$")
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -168,9 +168,7 @@ class BucketSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not BUCKET_RE.match(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 chars, a-z 0-9 . -)")
-        return v
+        return check_bucket_name(v)  # S3's full rules, shared with the pipeline spec
 
 
 class ArchiveSpec(_Strict):
@@ -248,6 +246,19 @@ class Fabric(_Strict):
     consumers: list[ConsumerSpec] = Field(default_factory=list)
     # None: no dedup table (consumers that need idempotency then cannot run here).
     dedup: DedupSpec | None = DedupSpec()
+
+    @field_validator("region")
+    @classmethod
+    def _region_name(cls, v: str | None) -> str | None:
+        from botocore.exceptions import InvalidRegionError
+        from botocore.utils import validate_region_name
+
+        try:
+            if v is not None:
+                validate_region_name(v)  # botocore's rule, checked before any call
+        except InvalidRegionError:
+            raise ValueError(f"{v!r} is not an AWS region name (like us-east-1)") from None
+        return v
 
     def queue(self, name: str) -> QueueSpec:
         return next(q for q in self.queues if q.name == name)

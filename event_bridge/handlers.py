@@ -5,7 +5,8 @@
                        fails and, after maxReceiveCount tries, sits in the DLQ.
 ``log_large_result``   large outputs (the EventBridge rule filters on object size).
 ``record_run_event``   per-run lifecycle events from the FIFO topic, in order per run.
-``security_alert``     CloudTrail security-group / NACL changes from the alert topic (SNS).
+``security_alert``     CloudTrail security-group / NACL changes from the alert topic (SNS), and
+                       the guard's own block / unblock notices (``source: clusterflow.guard``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def security_alert(event: dict[str, Any], context: Any) -> dict[str, Any]:
     for record in event["Records"]:
         doc = unwrap_sns(json.loads(record["Sns"]["Message"]))
         detail = doc["detail"]
+        if doc.get("source") == "clusterflow.guard":
+            alerts.append({"event": doc["detail-type"], "resource": detail["cidr"],
+                           "by": detail.get("removed_by") or detail.get("by", "guard"),
+                           "time": doc.get("time")})
+            log.warning("guard: %s %s (%s)", doc["detail-type"], detail["cidr"],
+                        detail.get("reason", ""))
+            continue
         params = detail.get("requestParameters") or {}
         target = (params.get("groupId") or params.get("networkAclId")
                   or params.get("associationId") or "?")

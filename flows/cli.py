@@ -27,21 +27,23 @@ def main() -> None:
 
 def _summary(result: dict[str, Any]) -> None:
     out = Console(soft_wrap=True)
-    out.print(f"[bold green]run {result['run_id']} succeeded[/] "
+    out.print(f"[bold green]run {escape(result['run_id'])} succeeded[/] "
               f"({result['kernel']} on {result['ranks']} ranks, backend {result['backend']}, "
-              f"{result['aws']})")
+              f"{escape(result['aws'])})")
     table = Table("stage", "seconds", box=None)
     for stage, secs in result["seconds"].items():
         table.add_row(stage, f"{secs:.2f}")
     table.add_row("[bold]total[/]", f"{sum(result['seconds'].values()):.2f}")
     out.print(table)
-    out.print(f"{result['result']:<17} sha256 {result['result_sha256']}")
-    out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)")
-    out.print(f"results           {result['s3']['results']}")
-    out.print(f"scratch           {result['scratch_dir']}")
+    plain = {"markup": False}  # paths, keys, names: the user's text, never rich markup
+    out.print(f"{result['result']:<17} sha256 {result['result_sha256']}", **plain)
+    out.print(f"input             {result['s3']['input']} ({result['bytes_staged']} bytes staged)",
+              **plain)
+    out.print(f"results           {result['s3']['results']}", **plain)
+    out.print(f"scratch           {result['scratch_dir']}", **plain)
     for q, r in result["fanout"]["queues"].items():
         out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
-                  f"{r['verified']} verified")
+                  f"{r['verified']} verified", **plain)
     if result.get("spot", {}).get("interruptions"):
         out.print(f"interrupted       {result['spot']['interruptions']} time(s), "
                   f"{result['spot']['seconds_lost']:.1f} s in interrupted attempts")
@@ -95,12 +97,25 @@ def run(
     ] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
+    from flows.run_preflight import check_before_start
+
     try:
         # Refuse a bad spec before anything starts.
         loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
         check_budget(loaded, spec)
     except SpecError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    if loaded.aws == "real":  # credentials are checked offline, before Prefect starts
+        from infra.aws.credentials import real_aws_problem
+
+        if (problem := real_aws_problem()) is not None:
+            err.print(f"[red]error:[/] {escape(f'{spec}: {problem}')}", highlight=False)
+            raise typer.Exit(2)
+    try:  # and what cannot work with it: region, endpoint, input_key (flows/run_preflight.py)
+        check_before_start(loaded, spec)
+    except SpecError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     if dry_run:
         from flows.planning.dryrun import dry_run as check_only
@@ -108,26 +123,36 @@ def run(
         raise typer.Exit(check_only(loaded, spec, as_json))
 
     from flows import prefect_runtime
+    from flows.signals import exit_on_interrupt, terminate_like_interrupt
     from infra.aws.embedded import state_dir
 
-    prefect_runtime.configure(state_dir())
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    # SIGTERM/SIGHUP unwind like Ctrl-C and the temporary Prefect server is ours to stop:
+    # no process this run starts outlives it (the rest die with it even on SIGKILL).
+    with terminate_like_interrupt(), exit_on_interrupt(err), \
+            prefect_runtime.temporary_server(state_dir()) as server:
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows.pipeline import hpc_pipeline
-    from flows.steps.flow import PipelineFailed
+        from flows.pipeline import hpc_pipeline
+        from flows.steps.flow import PipelineFailed
 
-    code = 0
-    try:
-        # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
-                                  backend=backend)
-    except PipelineFailed as e:  # some points failed: the summary still says what happened
-        result, code = e.summary, 1
-        err.print(f"[red]error:[/] pipeline failed: {e}", markup=False, highlight=False)
-    except Exception as e:  # the flow already logged the traceback through Prefect
-        err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        code = 0
+        try:
+            if server is not None:
+                server.wait_ready()
+            # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
+                                      backend=backend)
+        except PipelineFailed as e:  # some points failed: the summary still says what happened
+            result, code = e.summary, 1
+            err.print(f"[red]error:[/] pipeline failed: {e}", markup=False, highlight=False)
+        except prefect_runtime.PrefectServerError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(1) from None
+        except Exception as e:  # the flow already logged the traceback through Prefect
+            err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {escape(str(e))}",
+                      highlight=False)
+            raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     elif "steps" in result:
@@ -146,6 +171,7 @@ def _mount() -> None:
     from flows.planning.command import register as register_plan
     from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
+    from infra.guard.cli import guard_app
     from infra.ha.cli import ha_app
     from infra.staging.cli import register as register_stage
 
@@ -157,6 +183,7 @@ def _mount() -> None:
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
     app.add_typer(ha_app, name="ha")  # drill ...
+    app.add_typer(guard_app, name="guard")  # block | unblock | list | audit | lockdown | sweep
 
 
 _mount()

@@ -5,17 +5,20 @@ Mount with ``register(app)`` (adds ``deploy``) and ``app.add_typer(local_app, na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.spec import DEFAULT_SPEC, SpecError
@@ -37,13 +40,29 @@ def _home() -> Path:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    # Escaped: paths and quoted patterns keep their [brackets] (rich would eat them).
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
+
+
+def _refuse_bad_inputs(spec: Path, fabric: Path) -> None:
+    """The spec and fabric ``up`` would use, refused (exit 2) before anything starts."""
+    from event_bridge.fabric import FabricError, load_fabric
+    from flows.spec import load_spec
+    from infra.aws.clients import AwsConfigError
+    from infra.aws.reachability import check_region
+
+    try:
+        loaded = load_spec(spec)
+        check_region(loaded.region, field=f"pipeline spec {spec}: region")
+        load_fabric(fabric)
+    except (SpecError, FabricError, AwsConfigError) as e:
+        raise _fail(str(e), 2) from None
 
 
 def _print_status(report: dict[str, Any]) -> None:
     colour = {"running": "green", "degraded": "yellow", "stopped": "red"}[report["state"]]
-    out.print(f"local stack [{colour}]{report['state']}[/] ({report['home']})")
+    out.print(f"local stack [{colour}]{report['state']}[/] ({escape(report['home'])})")
     if not report["components"]:
         return
     table = Table("component", "state", "pid", "url", box=None)
@@ -51,17 +70,18 @@ def _print_status(report: dict[str, Any]) -> None:
         state = "running" if c["running"] else "[red]not running[/]"
         if c.get("healthy") is False:
             state = "[yellow]running, not answering[/]"
-        table.add_row(name, state, str(c.get("pid", "")), c.get("url", ""))
+        table.add_row(escape(name), state, str(c.get("pid", "")), escape(c.get("url", "")))
     out.print(table)
-    out.print(f"work pool {report['work_pool']}")
-    out.print(f"spec      {report['spec']}")
-    out.print(f"fabric    {report['fabric']}")
+    # Plain text from here: names and paths are the user's, never rich markup.
+    out.print(f"work pool {report['work_pool']}", markup=False)
+    out.print(f"spec      {report['spec']}", markup=False)
+    out.print(f"fabric    {report['fabric']}", markup=False)
     for consumer in report["consumers"]:
-        out.print(f"consumer  {consumer}")
-    out.print(f"logs      {Path(report['home']) / 'logs'}")
+        out.print(f"consumer  {consumer}", markup=False)
+    out.print(f"logs      {Path(report['home']) / 'logs'}", markup=False)
     if report["state"] == "running":
         out.print(f"\nexport PREFECT_API_URL={report['prefect_api_url']}   "
-                  "# to use it from prefect's own CLI")
+                  "# to use it from prefect's own CLI", markup=False)
 
 
 @local_app.command()
@@ -82,6 +102,7 @@ def up(
     from flows import local_stack
 
     home = _home()
+    _refuse_bad_inputs(spec, fabric or DEFAULT_FABRIC)
     try:
         _, started = local_stack.up(home, spec, port=port, work_pool=pool,
                                     fabric_path=fabric or DEFAULT_FABRIC)
@@ -111,10 +132,11 @@ def down(as_json: JsonFlag = False) -> None:
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     elif not report["was_running"]:
-        out.print(f"no local stack recorded in {report['home']}")
+        out.print(f"no local stack recorded in {report['home']}", markup=False)
     else:
         stopped = ", ".join(f"{n} ({pid})" for n, pid in report["stopped"].items())
-        out.print(f"stopped {stopped}; {len(report['pids_signalled'])} process(es) signalled")
+        out.print(f"stopped {stopped}; {len(report['pids_signalled'])} process(es) signalled",
+                  markup=False)
         if report["pids_killed"]:
             out.print(f"[yellow]{len(report['pids_killed'])} ignored SIGTERM and were "
                       f"killed: {report['pids_killed']}[/]")
@@ -145,6 +167,14 @@ def _api_url() -> str:
     if not url:
         raise _fail("no Prefect API to deploy to: start one with `clusterflow local up`, or "
                     "set PREFECT_API_URL (a Prefect server or Prefect Cloud workspace)", 2)
+    if os.environ.get("PREFECT_API_URL"):
+        from infra.aws.clients import AwsConfigError
+        from infra.aws.reachability import check_endpoint
+
+        try:
+            check_endpoint(url, name="PREFECT_API_URL")
+        except AwsConfigError as e:
+            raise _fail(str(e), 2) from None
     return url
 
 
@@ -226,8 +256,9 @@ def _schedule_now(client: Any, deployment: Any) -> list[str]:
     except PrefectHTTPStatusError as e:
         # The deployment is registered either way; the server's scheduler makes the runs on
         # its next loop. Only the early listing is lost.
-        err.print(f"[yellow]warning:[/] the server did not schedule {deployment.name}'s runs "
-                  f"now ({e.response.status_code}); its scheduler will within a minute")
+        err.print(f"[yellow]warning:[/] the server did not schedule "
+                  f"{escape(deployment.name)}'s runs now ({e.response.status_code}); its "
+                  "scheduler will within a minute")
         return []
     runs = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
@@ -237,12 +268,24 @@ def _schedule_now(client: Any, deployment: Any) -> list[str]:
     return [r.expected_start_time.isoformat() for r in runs if r.expected_start_time]
 
 
+@contextlib.contextmanager
+def _prefect_api_errors(api_url: str) -> Iterator[None]:
+    """An API that fails (or is not Prefect's) is one line naming it, never a traceback."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPError as e:
+        raise _fail(f"the Prefect API at {api_url} failed: {type(e).__name__}: "
+                    f"{' '.join(str(e).split())}") from None
+
+
 def deploy(
     pool: Annotated[str | None, typer.Option(
         help="Work pool for every deployment (default: the one prefect.yaml names).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Register prefect.yaml's deployments (nightly, on-upload, on-result) with Prefect.
+    """Register prefect.yaml's deployments (nightly, on-upload, on-result, guard-sweep).
 
     Targets PREFECT_API_URL if set, else the local stack's server.
     """
@@ -251,7 +294,8 @@ def deploy(
     api_url = _api_url()
     pool_name = pool or default_work_pool()
     # A missing pool is created as a `process` pool; an existing one (ECS, ...) is used as is.
-    ensure_work_pool(api_url, pool_name, require_process=False)
+    with _prefect_api_errors(api_url):
+        ensure_work_pool(api_url, pool_name, require_process=False)
     env = {**os.environ, "PREFECT_API_URL": api_url}
     with tempfile.TemporaryDirectory(prefix="clusterflow-deploy-") as tmp:
         prefect_file = _prefect_file(pool, Path(tmp))
@@ -265,7 +309,8 @@ def deploy(
         if proc.returncode != 0:
             raise _fail(f"prefect deploy failed (exit {proc.returncode}):\n"
                         f"{(proc.stdout + proc.stderr)[-3000:]}")
-        deployments = _describe(api_url, prefect_file)
+        with _prefect_api_errors(api_url):
+            deployments = _describe(api_url, prefect_file)
     if as_json:
         sys.stdout.write(json.dumps({"api_url": api_url, "work_pool": pool_name,
                                      "deployments": deployments}) + "\n")
@@ -278,9 +323,10 @@ def deploy(
         starts += [f"event {', '.join(t['expect'] or [])} where "
                    + ", ".join(f"{k}={v}" for k, v in (t["match"] or {}).items())
                    for t in d["triggers"]]
-        table.add_row(d["name"], "; ".join(starts) or "manual", d["work_pool"],
-                      d["next_runs"][0] if d["next_runs"] else "-")
-    out.print(f"[bold green]registered {len(deployments)} deployments[/] with {api_url}")
+        table.add_row(escape(d["name"]), escape("; ".join(starts) or "manual"),
+                      escape(d["work_pool"]), d["next_runs"][0] if d["next_runs"] else "-")
+    out.print(f"[bold green]registered {len(deployments)} deployments[/] with "
+              f"{escape(api_url)}")
     out.print(table)
 
 

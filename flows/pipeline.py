@@ -28,6 +28,7 @@ from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
+from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import aws_target
@@ -111,9 +112,13 @@ def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
         shape["nz"] = None
     raw["kernel"]["parameters"].update(shape)
     try:
-        return PipelineSpec.model_validate(raw)
+        sized = PipelineSpec.model_validate(raw)
     except ValidationError as e:
         raise SpecError(f"the input {path.name} does not fit the spec: {e}") from None
+    # The uploaded grid, not the spec's, decides the memory the ranks need.
+    check_resources("heat", sized.kernel.parameters, sized.ranks, sized.backend,
+                    local=sized.local, where=f"the input {path.name}")
+    return sized
 
 
 @task(name="stage_in", cache_policy=NO_CACHE)
@@ -227,6 +232,11 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
     spot = read_interruptions(attempts_file(run_dir, info.name)).as_dict()
     return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),
             "spot": spot}
+
+
+# Without reuse_result: the same task with no cache key, so nothing is stored (with_options
+# cannot drop a cache_key_fn, and persist_result=False on it warns on every run).
+mpi_run_uncached = task(mpi_run.fn, name="mpi_run", cache_policy=NO_CACHE)
 
 
 @task(name="fetch_result", cache_policy=NO_CACHE)
@@ -371,8 +381,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         if spec.kernel.input_key is not None:
             spec = grid_from_input(spec, staged.path)
         # Only a reusable result needs its record stored.
-        run = mpi_run.with_options(retries=spec.kernel.retries,
-                                   persist_result=spec.reuse_result)
+        run = (mpi_run if spec.reuse_result else mpi_run_uncached).with_options(
+            retries=spec.kernel.retries)
         record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
         manifest, computed_by = record["manifest"], record["run_id"]
         if computed_by != run_id:  # a cached record: the outputs are an earlier run's

@@ -1,17 +1,34 @@
 """How clusterflow talks to Prefect when the user has not pointed it at a server.
 
-With ``PREFECT_API_URL`` set, Prefect is used exactly as configured. Otherwise Prefect's own
-temporary server runs against a SQLite database kept under the clusterflow state dir, so the
-schema migration (~15 s) happens once, not on every run. The server-side services a single
-CLI run never needs are switched off: the telemetry service in particular races the first
-flow run for SQLite's write lock ("database is locked" tracebacks) and tries to reach the
-internet. Must run before ``prefect`` is imported; every value is only a default.
+With ``PREFECT_API_URL`` set, Prefect is used exactly as configured. Otherwise a temporary
+Prefect server runs for the one command against a SQLite database kept under the clusterflow
+state dir, so the schema migration (~15 s) happens once, not on every run. The server-side
+services a single CLI run never needs are switched off: the telemetry service in particular
+races the first flow run for SQLite's write lock ("database is locked" tracebacks) and tries
+to reach the internet. Must run before ``prefect`` is imported; every value is only a default.
+
+The temporary server is ``prefect server start`` started by us (``temporary_server``), not
+Prefect's ephemeral server: Prefect starts that one as a plain subprocess stopped only by an
+``atexit`` hook, so a SIGKILLed run left it running for ever. Ours gets a parent-death signal
+(``infra.child_processes``) and is stopped by a context manager, so neither SIGKILL nor
+SIGTERM can orphan it. It also starts while the CLI imports Prefect and the flow, instead of
+after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+from infra.child_processes import die_with_parent
 
 LOCAL_SERVER_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -36,3 +53,95 @@ def configure(state_dir: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)  # Prefect's SQLite cannot create its folder
     for key, value in LOCAL_SERVER_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+class PrefectServerError(RuntimeError):
+    """The temporary Prefect server did not come up; the message names its log."""
+
+
+class TemporaryServer:
+    """``prefect server start`` on a free 127.0.0.1 port, tied to this process's life."""
+
+    def __init__(self, log: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start",
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not its
+                preexec_fn=die_with_parent())
+
+    def wait_ready(self) -> str:
+        """Block until the server answers ``/health``; returns the API URL."""
+        key = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # the same patience
+        timeout = float(os.environ.get(key) or LOCAL_SERVER_DEFAULTS[key])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.api_url
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.proc.poll() is not None:
+                raise PrefectServerError(
+                    f"the temporary Prefect server exited at start (code "
+                    f"{self.proc.returncode}); see {self.log}")
+            if time.monotonic() > deadline:
+                raise PrefectServerError(
+                    f"the temporary Prefect server did not answer within {timeout:.0f} s; "
+                    f"see {self.log}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def temporary_server(state_dir: Path) -> Iterator[TemporaryServer | None]:
+    """Configure Prefect (``configure``) and, without ``PREFECT_API_URL``, start a server.
+
+    Yields the server (call ``wait_ready()`` before the first flow runs; the start overlaps
+    whatever the caller imports meanwhile), or None when the user's own API is used. The
+    server is stopped when the block ends, however it ends; a SIGKILLed caller takes it down
+    through the parent-death signal.
+    """
+    configure(state_dir)
+    if os.environ.get("PREFECT_API_URL"):
+        yield None
+        return
+    server = TemporaryServer(state_dir / "logs" / "prefect-temporary-server.log")
+    os.environ["PREFECT_API_URL"] = server.api_url  # read when prefect is imported
+    try:
+        yield server
+    finally:
+        _flush_prefect_clients()
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def _flush_prefect_clients() -> None:
+    """Send the logs and events still queued in this process before the server goes.
+
+    Prefect sends them from background workers that drain only at interpreter exit, which
+    is after our server has stopped ("Error logging to API" on every run otherwise).
+    """
+    if "prefect" not in sys.modules:
+        return
+    from prefect.logging.handlers import APILogHandler
+
+    with contextlib.suppress(Exception):  # best effort: never turn a result into an error
+        APILogHandler().flush()  # drains every Prefect queue service (logs and events)

@@ -10,25 +10,25 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from flows.errors import SpecError
 from flows.kernel_defaults import HeatDefaults, KmerDefaults, VarDefaults
+from flows.resource_checks import LocalOptions, check_resources, check_scratch_dir
 from flows.steps.graph import GraphError, Plan, build_plan
 from flows.steps.model import StepSpec
 from flows.watchdog import Budget
+from infra.aws.naming import check_bucket_name, region_problem
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
 from infra.backends.shell_safety import NoControlChars
 from infra.yaml_models import load_yaml_model
 from mpi_jobs.catalog import KERNELS, HeatParameters, KernelInfo
 
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_-]{1,75}$")
 
 DEFAULT_SPEC = Path(__file__).parent / "specs" / "heat.yaml"
 
-
-class SpecError(ValueError):
-    """A pipeline spec that cannot be used; the message names every offending field."""
+__all__ = ["DEFAULT_SPEC", "PipelineSpec", "SpecError", "load_spec"]
 
 
 class _Strict(NoControlChars):
@@ -41,9 +41,11 @@ class _KernelBase(_Strict):
         None, description="S3 key (in the input bucket) of your own input; default: a "
         "deterministic generated sample, uploaded once under input_prefix")
     checkpoint_every: int | None = Field(
-        None, gt=0, description="checkpoint every K steps/blocks into the run's scratch dir")
-    retries: int = Field(0, ge=0, le=10, description="re-runs of a failed MPI job; with "
-                         "checkpoints each retry resumes from the newest complete one")
+        None, gt=0, strict=True,
+        description="checkpoint every K steps/blocks into the run's scratch dir")
+    retries: int = Field(0, ge=0, le=10, strict=True,
+                         description="re-runs of a failed MPI job; with checkpoints each retry "
+                         "resumes from the newest complete one")
 
     @field_validator("input_key")
     @classmethod
@@ -80,7 +82,8 @@ class SlurmOptions(_Strict):
     time_limit: str | None = Field(None, description="Slurm --time (minutes, HH:MM:SS, "
                                    "D-HH:MM:SS); a job past it is killed and the run fails")
     launcher: Literal["srun", "mpiexec"] = "srun"
-    overcommit: bool = Field(False, description="more ranks than CPUs (a test machine only)")
+    overcommit: bool = Field(False, strict=True,
+                             description="more ranks than CPUs (a test machine only)")
     conf: Path | None = Field(None, description="slurm.conf; default $SLURM_CONF, the local "
                               "cluster of `make slurm`, else Slurm's own default")
     sbatch_args: list[str] = Field(default_factory=list)
@@ -108,9 +111,7 @@ class Storage(_Strict):
     @field_validator("input_bucket", "results_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:
-        if not BUCKET_RE.match(v) or ".." in v:
-            raise ValueError(f"{v!r} is not a valid S3 bucket name (3-63 chars, a-z 0-9 . -)")
-        return v
+        return check_bucket_name(v)
 
     @field_validator("input_prefix", "results_prefix")
     @classmethod
@@ -123,8 +124,8 @@ class Storage(_Strict):
 class FanOut(_Strict):
     topic: str = "clusterflow-results"
     queues: list[str] = Field(default_factory=lambda: ["postprocess", "audit"], min_length=1)
-    max_receive_count: int = Field(3, ge=1, le=1000)
-    visibility_timeout: int = Field(300, ge=0, le=43200)
+    max_receive_count: int = Field(3, ge=1, le=1000, strict=True)
+    visibility_timeout: int = Field(300, ge=0, le=43200, strict=True)
 
     @field_validator("topic")
     @classmethod
@@ -147,8 +148,9 @@ class FanOut(_Strict):
 class PipelineSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
     kernel: Kernel = HeatKernel()
-    ranks: int = Field(2, ge=1, le=4096)
+    ranks: int = Field(2, ge=1, le=4096, strict=True)
     backend: Literal["local", "slurm", "parallelcluster", "batch"] = "local"
+    local: LocalOptions = LocalOptions()
     slurm: SlurmOptions = SlurmOptions()
     parallelcluster: ParallelClusterSettings | None = None
     batch: BatchSettings | None = None
@@ -157,18 +159,34 @@ class PipelineSpec(_Strict):
         description="'embedded' runs against a local moto server (or AWS_ENDPOINT_URL); "
         "'real' talks to the AWS account in the standard credential chain.",
     )
+    allow_unlisted_region: bool = Field(
+        False, strict=True, description="accept a well-formed region that this botocore does "
+        "not list yet (a region newer than it)")
     region: str = "us-east-1"
     storage: Storage
     scratch_dir: Path = Path(".clusterflow/scratch")
     fanout: FanOut = FanOut()
     reuse_result: bool = Field(
-        False, description="reuse the outputs of an earlier run with the same kernel, "
+        False, strict=True, description="reuse the outputs of an earlier run with the same kernel, "
         "parameters and input bytes (any rank count gives the same bits) instead of running")
     steps: list[StepSpec] | None = Field(
         None, min_length=1, description="a graph of steps (bundled kernels and your own "
         "commands) instead of the single kernel; see the README's 'Steps and sweeps'")
     budget: Budget | None = Field(None, description="refuse a run estimated above max_usd; "
                                   "stop one whose spend passes it (see `clusterflow plan`)")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str, info: ValidationInfo) -> str:
+        problem = region_problem(v, allow_unlisted=info.data.get("allow_unlisted_region", False))
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("scratch_dir")
+    @classmethod
+    def _scratch(cls, v: Path) -> Path:
+        return check_scratch_dir(v)
 
     @model_validator(mode="after")
     def _fits(self) -> PipelineSpec:
@@ -221,12 +239,23 @@ def load_spec(path: Path | str, **overrides: object) -> PipelineSpec:
     """Read and validate a spec; ``overrides`` (e.g. ranks from the CLI) win over the file.
 
     A spec with ``steps:`` is also checked as a graph (names, cycles, placeholders, inputs,
-    executables), so every refusal happens here, before anything is created.
+    executables). Then every job is checked against where it is sent (cores, memory), so
+    every refusal happens here, before anything is created.
     """
     spec = load_yaml_model(path, PipelineSpec, what="pipeline spec", error=SpecError,
                            overrides=overrides, rename=_untag_kernel)
-    if spec.steps:
-        step_plan(spec, Path(path))
+    where = f"pipeline spec {path}"
+    if not spec.steps:
+        check_resources(spec.kernel.name, spec.kernel.parameters, spec.ranks, spec.backend,
+                        local=spec.local, where=where)
+        return spec
+    plan = step_plan(spec, Path(path))
+    for step in plan.steps.values():
+        ranks, backend = plan.ranks(step, spec.ranks), step.backend or spec.backend
+        for point in plan.points[step.name]:
+            at = f"{where}: steps.{step.name}" + (f"[{point.label}]" if point.label else "")
+            params = step.kernel_parameters(point.params) if step.uses else {}
+            check_resources(step.uses, params, ranks, backend, local=spec.local, where=at)
     return spec
 
 

@@ -22,7 +22,8 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
 from infra.aws.clients import AwsTarget
-from infra.staging.stager import StageOptions, Stager
+from infra.staging.model import StageOptions
+from infra.staging.stager import Stager
 
 
 def _cache_dir(cache_dir: str | None) -> Path:
@@ -70,8 +71,11 @@ def stage_tree(src: str, dst: str, aws: AwsTarget, cache_dir: str | None = None,
                     cache_dir=_cache_dir(cache_dir))
     report = stager.stage(src, dst)
     logger.info("staged %s -> %s: %d copied (%d bytes), %d unchanged, %.2f s",
-                report.src, report.dst, report.copied, report.bytes_copied, report.skipped,
+                report.src, report.dst, report.copied, report.bytes_copied, report.unchanged,
                 report.seconds)
+    if report.skipped_entries:
+        logger.warning("%d source entries were not staged (not regular files), e.g. %s",
+                       len(report.skipped_entries), report.skipped_entries[:5])
     if report.unverified:
         logger.warning("%d file(s) had no checksum to verify against (size only), e.g. %s",
                        len(report.unverified), report.unverified[:5])

@@ -22,15 +22,22 @@ parameters reuse the same object.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Boundary = Literal["dirichlet", "periodic"]
-PositiveInt = Annotated[int, Field(gt=0)]
+# Strict: a YAML ``true`` is not the integer 1, nor is ``2.5`` (or "3") an integer.
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+Count = Annotated[int, Field(ge=0, strict=True)]
+Real = Annotated[float, Field(strict=True)]  # an int is still a float; a bool is not
+Flag = Annotated[bool, Field(strict=True)]
 
 
 class HeatParameters(BaseModel):
@@ -39,13 +46,13 @@ class HeatParameters(BaseModel):
     nx: PositiveInt
     ny: PositiveInt
     nz: PositiveInt | None = None
-    steps: Annotated[int, Field(ge=0)]
-    alpha: Annotated[float, Field(gt=0, le=0.25)] = 0.2
+    steps: Count
+    alpha: Annotated[Real, Field(gt=0, le=0.25)] = 0.2
     bc_x: Boundary = "dirichlet"
     bc_y: Boundary = "dirichlet"
     bc_z: Boundary = "dirichlet"
-    diag_every: Annotated[int, Field(ge=0)] = 1
-    seed: Annotated[int, Field(ge=0)] = 0  # of the generated initial field
+    diag_every: Count = 1
+    seed: Count = 0  # of the generated initial field
 
     @model_validator(mode="after")
     def _three_d_rules(self) -> HeatParameters:
@@ -60,26 +67,26 @@ class VarParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     paths: PositiveInt
-    seed: Annotated[int, Field(ge=0)] = 0
-    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.99
+    seed: Count = 0
+    confidence: Annotated[Real, Field(gt=0, lt=1)] = 0.99
     dist: Literal["normal", "t"] = "normal"
-    df: Annotated[float, Field(gt=2)] = 5.0
+    df: Annotated[Real, Field(gt=2)] = 5.0
     block_paths: PositiveInt = 1 << 16
 
 
 class KmerParameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: Annotated[int, Field(ge=1, le=31)]
-    top: Annotated[int, Field(ge=0)] = 100
-    chunk_bytes: Annotated[int, Field(gt=0, le=256 << 20)] = 1 << 20
+    k: Annotated[int, Field(ge=1, le=31, strict=True)]
+    top: Count = 100
+    chunk_bytes: Annotated[int, Field(gt=0, le=256 << 20, strict=True)] = 1 << 20
     # The generated sample input (used when the spec names no input of its own).
     genome_length: PositiveInt = 1_000_000
-    reads: Annotated[int, Field(ge=0)] = 50_000
+    reads: Count = 50_000
     read_length: PositiveInt = 150
     format: Literal["fastq", "fasta"] = "fastq"
-    gzip: bool = True
-    seed: Annotated[int, Field(ge=0)] = 0
+    gzip: Flag = True
+    seed: Count = 0
 
 
 def _heat_argv(p: HeatParameters, input_path: Path) -> list[str]:
@@ -146,6 +153,115 @@ def _kmer_key(p: KmerParameters) -> str:
             if p.reads else f"kmer-genome{p.genome_length}-s{p.seed}.{suffix}")
 
 
+# --------------------------------------------------------------------------- memory
+# What a job needs in memory, from its parameters alone, so a run that cannot fit is refused
+# before anything is created (`flows.resource_checks`). Each estimate is the peak of the whole
+# job with all ranks on one machine: the ranks' arrays, rank 0's extra for gathering results,
+# the interpreter every rank carries, and the pipeline's own generation of the default input
+# (that happens first, in the pipeline's process). Estimates err high where the kernel's use
+# depends on data (k-mer tables); they are not exact, only the right order of magnitude.
+
+# Peak RSS of a rank on a tiny problem: Python + numpy + mpi4py + Open MPI + numba's compiled
+# kernel (measured with /usr/bin/time on Python 3.11, Open MPI 5: heat 172, var 119-179, kmer
+# 185-196 MiB). RSS counts shared library pages in every rank, so this errs high.
+RANK_OVERHEAD = 200 << 20
+_F8 = 8  # float64 / uint64 / int64
+
+
+def _balanced_dims(ranks: int, ndim: int) -> list[int]:
+    """A process grid like MPI_Dims_create's: prime factors, largest first, to the smallest."""
+    dims = [1] * ndim
+    n, f, factors = ranks, 2, []
+    while f * f <= n:
+        while n % f == 0:
+            factors.append(f)
+            n //= f
+        f += 1
+    if n > 1:
+        factors.append(n)
+    for f in sorted(factors, reverse=True):
+        dims[dims.index(min(dims))] *= f
+    return sorted(dims, reverse=True)
+
+
+def _heat_memory(p: HeatParameters, ranks: int) -> int:
+    shape = [p.nx, p.ny] + ([p.nz] if p.nz is not None else [])
+    cells = math.prod(shape)
+    dims = _balanced_dims(ranks, len(shape))
+    padded = math.prod(-(-n // d) + 2 for n, d in zip(sorted(shape, reverse=True), dims,
+                                                      strict=True))
+    block = cells // ranks + 1
+    # Every rank: the field and its update, with ghost layers (u, new), its block of the
+    # memory-mapped input (page cache, but in its RSS) and its block made contiguous for the
+    # final gather. Rank 0 also: the gathered flat buffer and the assembled field. (Measured,
+    # 4000x4000 on 2 ranks: 424 + 587 MiB peak RSS; this gives 1132 MiB.)
+    run = ranks * (2 * padded + 2 * block) * _F8 + 2 * cells * _F8 + ranks * RANK_OVERHEAD
+    # The default input: a 2D plane costs ~8 arrays of its size while built (mgrid's ints and
+    # floats, the field, the expression's temporaries; measured ~5); 3D stacks nz planes.
+    plane = p.nx * p.ny
+    make_input = (8 * plane if p.nz is None else 2 * cells + 8 * plane) * _F8
+    return max(run, make_input)
+
+
+# Asset count of the bundled portfolio (the default input); a user's own portfolio is read
+# only once staged, so its size is not known here.
+_DEFAULT_ASSETS = 8
+
+
+def _var_memory(p: VarParameters, ranks: int) -> int:
+    c = Fraction(Decimal(str(p.confidence)))
+    tail = p.paths - max(1, math.ceil(c * p.paths)) + 1  # montecarlo.tail_size
+    block = min(p.block_paths, p.paths)
+    compact_at = max(2 * tail, 1 << 20)  # var.py: pending losses compacted at this many
+    # Per rank: one block's normals, chi-square draws and losses; pending losses plus the kept
+    # tail, concatenated and partitioned (two more copies).
+    per_rank = (block * (_DEFAULT_ASSETS + 2) + 3 * (tail + compact_at + block)) * _F8
+    # Rank 0: every rank's tail gathered, merged with its own and partitioned. (Measured, 2^24
+    # paths at 0.9 on 2 ranks: 360 + 299 MiB peak RSS; this gives 746 MiB.)
+    root = (ranks * tail + 2 * (ranks + 1) * tail) * _F8
+    return ranks * (per_rank + RANK_OVERHEAD) + root
+
+
+_TABLE_START, _TABLE_LOAD, _TABLE_FAST_BELOW = 1 << 18, 0.6, 1 << 22  # kmer_numba.CountTable
+_READ_ERROR_RATE = 0.005  # genome.simulate_reads
+
+
+def _kmer_table_rows(distinct: int) -> tuple[int, int]:
+    """(final, previous) row counts of a CountTable holding ``distinct`` keys."""
+    rows, previous = _TABLE_START, 0
+    while rows * _TABLE_LOAD < distinct:
+        previous, rows = rows, rows * (4 if rows < _TABLE_FAST_BELOW else 2)
+    return rows, previous
+
+
+def _kmer_memory(p: KmerParameters, ranks: int) -> int:
+    # k-mers in the generated sample, and how many can be distinct: at most the genome's own
+    # plus the ones each read's substitution errors make new (each error touches up to k k-mers;
+    # counted at 1.5x the expected errors), and never more than the canonical k-mers of size k.
+    per_read = max(0, p.read_length - p.k + 1)
+    if p.reads:
+        occurrences = p.reads * per_read
+        with_errors = p.genome_length + int(
+            p.reads * min(per_read, 1.5 * _READ_ERROR_RATE * p.read_length * p.k))
+    else:
+        occurrences = with_errors = max(0, p.genome_length - p.k + 1)
+    canonical = (4**p.k + (4 ** (p.k // 2) if p.k % 2 == 0 else 0)) // 2
+    distinct = min(occurrences, with_errors, canonical)
+    owned = -(-distinct * 11 // (10 * ranks))  # hash partition, with 10% imbalance
+    rows, previous = _kmer_table_rows(owned)
+    # Per rank: the table (16 B a row; old and new tables both live while it grows), its items
+    # and their top-N/histogram copies, and one chunk as bytes, codes, send and receive buffers.
+    per_rank = (rows + previous) * 2 * _F8 + owned * 4 * _F8 + 25 * p.chunk_bytes
+    # Rank 0: the gathered top lists (with top 0, every k-mer: arrays, Python ints, decoded str
+    # objects, the formatted lines and their join; ~340 B a k-mer measured, k=31, 400k reads on
+    # 2 ranks: 3586 + 457 MiB peak RSS; this gives 7.5 GiB, the k-mer count being an upper bound).
+    listed = distinct if p.top == 0 else min(distinct, ranks * p.top)
+    root = listed * (400 + p.k)
+    # The default input: the genome and the per-read draws (records are streamed to disk).
+    make_input = 16 * p.genome_length + 16 * p.reads
+    return max(ranks * (per_rank + RANK_OVERHEAD) + root, make_input)
+
+
 @dataclass(frozen=True)
 class KernelInfo:
     name: str
@@ -156,6 +272,7 @@ class KernelInfo:
     _argv: Callable[[Any, Path], list[str]]
     _make_input: Callable[[Any, Path], Path]
     _input_key: Callable[[Any], str]
+    _memory: Callable[[Any, int], int]
 
     def validate(self, parameters: dict[str, Any]) -> BaseModel:
         return self.parameters.model_validate(parameters)
@@ -191,12 +308,22 @@ class KernelInfo:
         p = parameters if isinstance(parameters, BaseModel) else self.validate(parameters)
         return self._input_key(p)
 
+    def memory_estimate(self, parameters: dict[str, Any] | BaseModel, ranks: int) -> int:
+        """Peak bytes of a job with `ranks` ranks on one machine (see "memory" above)."""
+        if ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {ranks}")
+        p = parameters if isinstance(parameters, BaseModel) else self.validate(parameters)
+        return self._memory(p, ranks)
+
 
 KERNELS: dict[str, KernelInfo] = {
     "heat": KernelInfo("heat", "mpi_jobs.heat", HeatParameters, "field.npy",
-                       ("field.npy",), _heat_argv, _heat_input, _heat_key),
+                       ("field.npy",), _heat_argv, _heat_input, _heat_key,
+                       _heat_memory),
     "var": KernelInfo("var", "mpi_jobs.var", VarParameters, "result.json",
-                      ("result.json",), _var_argv, _var_input, _var_key),
+                      ("result.json",), _var_argv, _var_input, _var_key,
+                      _var_memory),
     "kmer": KernelInfo("kmer", "mpi_jobs.kmer", KmerParameters, "counts.tsv",
-                       ("counts.tsv", "histogram.tsv"), _kmer_argv, _kmer_input, _kmer_key),
+                       ("counts.tsv", "histogram.tsv"), _kmer_argv, _kmer_input, _kmer_key,
+                       _kmer_memory),
 }

@@ -27,6 +27,10 @@ block and rank 0 commits the set (`mpi_jobs.checkpoint`). Blocks are stored with
 extents, so ``--restart`` works with any rank count: each rank reads the parts of the saved
 blocks that overlap its new block.
 
+Layout: this module is the CLI and the time loop; the block decomposition and halo exchange
+live in `mpi_jobs.heat_grid`, the input checks, total heat and checkpoint fingerprint in
+`mpi_jobs.heat_diagnostics`.
+
 Failure model: see `mpi_jobs.runtime`. Environment:
     CLUSTERFLOW_HEAT_FAIL_RANK=R
         Rank R raises ``RuntimeError`` right after its first step, so tests and operators can
@@ -46,8 +50,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mpi_jobs.decomposition import block_range
-from mpi_jobs.manifest import atomic_save_npy, sha256_file, write_manifest
+from mpi_jobs.heat_diagnostics import TotalHeat, check_input, fingerprint
+from mpi_jobs.heat_grid import Block, max_fitting_ranks
+from mpi_jobs.manifest import atomic_save_npy, write_manifest
 from mpi_jobs.runtime import (
     CollectiveError,
     KernelParser,
@@ -66,8 +71,6 @@ from mpi_jobs.runtime import (
 from mpi_jobs.stencil import (
     BOUNDARIES,
     check_alpha,
-    normalise_parts,
-    parts_to_float,
     reference_solution,
     reference_total_heat,
     stencil_step,
@@ -77,15 +80,11 @@ from mpi_jobs.stencil import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from mpi_jobs.checkpoint import Checkpoint
-
 __all__ = ["main", "reference_solution", "reference_total_heat", "stencil_step"]
 
 PROG = "heat"
 FAIL_RANK_ENV = "CLUSTERFLOW_HEAT_FAIL_RANK"
 MAX_ALPHA = 0.25  # Von Neumann stability limit of the explicit 2D scheme (3D: 1/6).
-
-Box = tuple[tuple[int, int], ...]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -165,256 +164,7 @@ def _parse_args(argv: list[str] | None, *, quiet: bool) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _max_fitting_ranks(shape: tuple[int, ...], size: int) -> int:
-    from mpi4py import MPI
-
-    for n in range(size, 0, -1):
-        dims = MPI.Compute_dims(n, len(shape))
-        if all(d <= s for d, s in zip(dims, shape, strict=True)):
-            return n
-    return 1
-
-
-def _check_input(path: Path, shape: tuple[int, ...]) -> str | None:
-    """Return a user-facing problem with the input file, or None if it is usable.
-
-    Only the header is read (via mmap), so this is cheap even for huge fields.
-    """
-    if not path.exists():
-        return f"--in {path}: no such file"
-    if not path.is_file():
-        return f"--in {path} is not a regular file"
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        return f"--in {path} is not a readable .npy array ({exc})"
-    if not isinstance(arr, np.ndarray):  # .npz archives load as NpzFile
-        arr.close()
-        return f"--in {path} is an .npz archive; expected a single .npy array"
-    names = "(nz, ny, nx)" if len(shape) == 3 else "(ny, nx)"
-    if arr.shape != shape:
-        return f"--in {path} has shape {arr.shape}, expected {names} = {shape}"
-    # Any byte order is fine: conversion to native float64 is exact.
-    if arr.dtype.kind != "f" or arr.dtype.itemsize != 8:
-        return f"--in {path} has dtype {arr.dtype}, expected float64"
-    return None
-
-
-# --------------------------------------------------------------------------- parallel kernel
-
-
-class _Block:
-    """This rank's share of the grid, its neighbours, and the face datatypes of the exchange.
-
-    Arrays are padded with one ghost layer per side. Datatypes and buffers are created once:
-    the step loop only moves data, it never allocates.
-    """
-
-    def __init__(self, cart: MPI.Cartcomm, shape: tuple[int, ...]) -> None:
-        self.cart = cart
-        self.shape = shape
-        self.ndim = len(shape)
-        self.dims: list[int] = list(cart.Get_topo()[0])
-        self.coords: list[int] = list(cart.Get_coords(cart.Get_rank()))
-        self.lo: list[int] = []
-        self.hi: list[int] = []
-        for n, parts, c in zip(shape, self.dims, self.coords, strict=True):
-            lo, hi = block_range(n, parts, c)
-            self.lo.append(lo)
-            self.hi.append(hi)
-        self.local = tuple(h - lo for lo, h in zip(self.lo, self.hi, strict=True))
-        self.padded = tuple(n + 2 for n in self.local)
-        self.neighbours = [cart.Shift(axis, 1) for axis in range(self.ndim)]  # (minus, plus)
-        self._types: list[MPI.Datatype] = []
-        self._requests: list[MPI.Prequest] = []
-        # Per axis: (send to minus, recv from plus, send to plus, recv from minus).
-        self.faces = [self._face_types(axis) for axis in range(self.ndim)]
-
-    def _face(self, axis: int, index: int) -> MPI.Datatype:
-        from mpi4py import MPI
-
-        subsizes = [n for n in self.local]
-        starts = [1] * self.ndim
-        subsizes[axis] = 1
-        starts[axis] = index
-        dtype = MPI.DOUBLE.Create_subarray(list(self.padded), subsizes, starts).Commit()
-        self._types.append(dtype)
-        return dtype
-
-    def _face_types(self, axis: int) -> tuple[MPI.Datatype, ...]:
-        n = self.local[axis]
-        return (self._face(axis, 1), self._face(axis, n + 1), self._face(axis, n),
-                self._face(axis, 0))
-
-    def free(self) -> None:
-        for request in self._requests:
-            request.Free()
-        self._requests.clear()
-        for dtype in self._types:
-            dtype.Free()
-        self._types.clear()
-
-    # ------------------------------------------------------------------ boxes
-
-    def interior_box(self) -> Box:
-        """Cells whose neighbours are all owned: computable before the halo arrives."""
-        return tuple((2, n) for n in self.local)
-
-    def shell_boxes(self) -> list[Box]:
-        """The one-cell shell around `interior_box`, as disjoint boxes (cover = block)."""
-        boxes: list[Box] = []
-        for axis, n in enumerate(self.local):
-            for index in sorted({1, n}):
-                box = []
-                for other, m in enumerate(self.local):
-                    if other == axis:
-                        box.append((index, index + 1))
-                    elif other < axis:
-                        box.append((2, m))
-                    else:
-                        box.append((1, m + 1))
-                boxes.append(tuple(box))
-        return boxes
-
-    # ------------------------------------------------------------------ data movement
-
-    def load(self, path: Path) -> np.ndarray:
-        """Read only this rank's block (mmap + slice), into an array with a zero ghost layer."""
-        src = np.load(path, mmap_mode="r", allow_pickle=False)
-        u = np.zeros(self.padded)
-        u[(slice(1, -1),) * self.ndim] = src[
-            tuple(slice(lo, hi) for lo, hi in zip(self.lo, self.hi, strict=True))
-        ]
-        del src
-        return u
-
-    def load_checkpoint(self, ckpt: Checkpoint, u: np.ndarray) -> None:
-        """Fill this block from the saved blocks that overlap it, whatever their layout."""
-        covered = 0
-        for name, piece in sorted(ckpt.meta["pieces"].items()):
-            lo = [max(a, b) for a, b in zip(self.lo, piece["lo"], strict=True)]
-            hi = [min(a, b) for a, b in zip(self.hi, piece["hi"], strict=True)]
-            if any(a >= b for a, b in zip(lo, hi, strict=True)):
-                continue
-            data = ckpt.load(name)
-            src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["lo"], strict=True))
-            dst = tuple(
-                slice(a - m + 1, b - m + 1) for a, b, m in zip(lo, hi, self.lo, strict=True)
-            )
-            u[dst] = data[src]
-            covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
-        if covered != math.prod(self.local):
-            raise ValueError(
-                f"checkpoint {ckpt.directory} does not cover this rank's block "
-                f"({covered} of {math.prod(self.local)} cells)"
-            )
-
-    def exchange_requests(self, u: np.ndarray) -> list[MPI.Prequest]:
-        """Persistent requests for the halo exchange of `u`, straight from/to the padded array.
-
-        Set up once per array (the step loop alternates between two), then each step is one
-        ``Startall`` and one ``Waitall``: no per-step request construction in Python.
-        Tags are per axis and direction of travel, so a message can never land in the wrong
-        ghost layer even when both neighbours along an axis are the same rank (or this rank,
-        on a periodic axis with one process). Sides facing a Dirichlet boundary have
-        PROC_NULL neighbours: no-ops, so those ghosts keep their zero.
-        """
-        cart = self.cart
-        requests = []
-        for axis, ((minus, plus), faces) in enumerate(
-            zip(self.neighbours, self.faces, strict=True)
-        ):
-            send_minus, recv_plus, send_plus, recv_minus = faces
-            down, up = 2 * axis, 2 * axis + 1
-            requests.append(cart.Recv_init([u, 1, recv_plus], source=plus, tag=down))
-            requests.append(cart.Recv_init([u, 1, recv_minus], source=minus, tag=up))
-            requests.append(cart.Send_init([u, 1, send_minus], dest=minus, tag=down))
-            requests.append(cart.Send_init([u, 1, send_plus], dest=plus, tag=up))
-        self._requests.extend(requests)
-        return requests
-
-    def gather(self, u: np.ndarray) -> np.ndarray | None:
-        """Assemble the global field on rank 0 (None elsewhere).
-
-        Blocks arrive as flat runs in rank order; each is placed by its rank's Cartesian
-        coordinates, which is what keeps the layout right for any process grid.
-        """
-        from mpi4py import MPI
-
-        cart = self.cart
-        local = np.ascontiguousarray(u[(slice(1, -1),) * self.ndim]).ravel()
-        if cart.Get_rank() != 0:
-            cart.Gatherv([local, MPI.DOUBLE], None, root=0)
-            return None
-        extents = []
-        for r in range(cart.Get_size()):
-            coords = cart.Get_coords(r)
-            extents.append([
-                block_range(n, p, c)
-                for n, p, c in zip(self.shape, self.dims, coords, strict=True)
-            ])
-        counts = [math.prod(hi - lo for lo, hi in ext) for ext in extents]
-        displs = [sum(counts[:r]) for r in range(len(counts))]
-        flat = np.empty(math.prod(self.shape))
-        cart.Gatherv([local, MPI.DOUBLE], [flat, counts, displs, MPI.DOUBLE], root=0)
-        field = np.empty(self.shape)
-        for ext, start, count in zip(extents, displs, counts, strict=True):
-            index = tuple(slice(lo, hi) for lo, hi in ext)
-            field[index] = flat[start : start + count].reshape([hi - lo for lo, hi in ext])
-        return field
-
-
-class _TotalHeat:
-    """Per-step fixed-point sums of this rank, reduced to rank 0 in batches (no per-step sync)."""
-
-    def __init__(self, comm: MPI.Intracomm, scale: int, every: int) -> None:
-        self.comm = comm
-        self.scale = scale
-        self.scale_factor = math.ldexp(1.0, scale)
-        self.every = every
-        self.pending: list[tuple[int, int, int]] = []  # (step, H, L), this rank's block only
-        self.steps: list[int] = []  # reduced, rank 0 only
-        self.values: list[float] = []
-
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
-    def record(self, step: int, high: int, low: int, bad: int) -> None:
-        if bad:
-            raise FloatingPointError(
-                f"total heat out of range at step {step}: the field holds NaN/inf or grew "
-                "beyond the maximum principle's bound"
-            )
-        self.pending.append((step, *normalise_parts(int(high), int(low))))
-
-    def reduce(self) -> None:
-        """Collective: sum the pending per-rank parts exactly (int64) onto rank 0."""
-        from mpi4py import MPI
-
-        if self.every == 0:
-            return
-        parts = np.array([[h, lo] for _, h, lo in self.pending], dtype=np.int64).reshape(-1, 2)
-        total = np.empty_like(parts) if self.comm.Get_rank() == 0 else None
-        self.comm.Reduce([parts, MPI.INT64_T], [total, MPI.INT64_T] if total is not None else None,
-                         op=MPI.SUM, root=0)
-        if total is not None:
-            for (step, _, _), (high, low) in zip(self.pending, total.tolist(), strict=True):
-                self.steps.append(step)
-                self.values.append(parts_to_float(*normalise_parts(high, low), self.scale))
-        self.pending.clear()
-
-
-def _fingerprint(args: argparse.Namespace, shape: tuple[int, ...], bc: tuple[str, ...]) -> dict:
-    return {
-        "shape": list(shape),
-        "alpha": args.alpha,
-        "bc": list(bc),
-        "diag_every": args.diag_every,
-        "input_sha256": sha256_file(args.input),
-    }
+# --------------------------------------------------------------------------- driver
 
 
 def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
@@ -436,27 +186,27 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         raise CollectiveError(
             f"grid {tuple(zip(names, shape, strict=True))} is too small for {size} ranks: the "
             f"process grid is {' x '.join(map(str, dims))} and each rank needs at least one "
-            f"cell per axis; use at most {_max_fitting_ranks(shape, size)} ranks or a larger grid"
+            f"cell per axis; use at most {max_fitting_ranks(shape, size)} ranks or a larger grid"
         )
-    rank0_check(comm, lambda: _check_input(args.input, shape) or prepare_out(args.out))
+    rank0_check(comm, lambda: check_input(args.input, shape) or prepare_out(args.out))
 
     from mpi_jobs.checkpoint import Checkpointer
     from mpi_jobs.stencil_numba import box_array, update_boxes
 
     checkpointer = None
     if args.checkpoint_dir is not None:
-        fingerprint = _fingerprint(args, shape, bc) if rank == 0 else {}
-        checkpointer = Checkpointer(comm, args.checkpoint_dir, PROG, comm.bcast(fingerprint))
+        expected = fingerprint(args, shape, bc) if rank == 0 else {}
+        checkpointer = Checkpointer(comm, args.checkpoint_dir, PROG, comm.bcast(expected))
         rank0_check(comm, checkpointer.prepare_root)
 
     cart = comm.Create_cart(dims, periods=[b == "periodic" for b in bc], reorder=False)
-    block = _Block(cart, shape)
+    block = Block(cart, shape)
     u = block.load(args.input)
     inner = (slice(1, -1),) * ndim
     finite = bool(np.isfinite(u[inner]).all())
     agree(cart, None if finite else f"--in {args.input} contains NaN or infinite values")
     max_abs = cart.allreduce(float(np.max(np.abs(u[inner]))), op=MPI.MAX)
-    heat = _TotalHeat(cart, total_heat_scale(math.prod(shape), max_abs), args.diag_every)
+    heat = TotalHeat(cart, total_heat_scale(math.prod(shape), max_abs), args.diag_every)
 
     first = 0
     if checkpointer is not None and args.restart:

@@ -5,13 +5,15 @@ Run::
     mpiexec -n N python -m mpi_jobs.kmer --input FILE --k K [--top N] --out DIR
 
 Writes ``DIR/counts.tsv`` (``kmer<TAB>count`` lines for the N most frequent canonical k-mers,
-by count descending then k-mer; ``--top 0`` writes all), ``DIR/histogram.tsv``
+by count descending then k-mer; ``--top 0`` writes all, streamed: each rank sorts its own
+table and rank 0 merges the runs block by block, `mpi_jobs.kmer_dump`), ``DIR/histogram.tsv``
 (``count<TAB>distinct k-mers with that count`` lines, by count ascending) and
 ``DIR/manifest.json``.
 
-How: the input is cut into record-aligned chunks that ranks take round-robin (`mpi_jobs.fastx`
-says how record boundaries are found, and how gzip is handled: every rank decompresses the
-stream and keeps its own chunks). Each round, every rank parses one chunk, upper-cases it,
+How: the input is cut into chunks that ranks take round-robin (`mpi_jobs.fastx` says where
+chunks are cut: between FASTQ records, anywhere in a FASTA sequence with the k-1 bases before
+the cut as context; and how gzip is handled: every rank decompresses the stream and keeps its
+own chunks). Each round, every rank parses one chunk, upper-cases it,
 encodes each k-mer free of non-ACGT characters and canonicalises it (lexicographic min of the
 k-mer and its reverse complement), sorts the codes by owner rank (a hash of the code) and sends
 them there with one ``MPI_Alltoallv``; owners count them in a hash table
@@ -24,9 +26,11 @@ table and the round number; ``--restart`` continues with the next round. Table o
 depends on the rank count, so a restart needs the same number of ranks (the checkpoint says
 how many if it differs).
 
-Parse errors (a malformed FASTQ record, a corrupt gzip stream) are found by the rank that owns
-the chunk; ranks agree on them at the end of each round, so the job stops with one line naming
-the record instead of an ``MPI_Abort``.
+Parse errors (a malformed FASTQ record anywhere, the first one included; a corrupt gzip stream)
+are found by the rank that owns the chunk; ranks agree on them at the end of each round, so the
+job stops (exit 1) with one line naming the line number and the record instead of an
+``MPI_Abort``. FASTQ is strict 4-line: wrapped records are refused, never skipped, so the
+manifest's ``records`` is every record of the file or the run fails.
 
 Environment: ``CLUSTERFLOW_KMER_FAIL_RANK=R`` makes rank R fail after its first round;
 ``CLUSTERFLOW_STEP_DELAY_SECONDS=T`` sleeps T seconds after each round (testing aids).
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mpi_jobs.manifest import atomic_write_text, sha256_file, write_manifest
+from mpi_jobs.manifest import atomic_write, atomic_write_text, sha256_file, write_manifest
 from mpi_jobs.runtime import (
     CollectiveError,
     KernelParser,
@@ -60,6 +64,8 @@ from mpi_jobs.runtime import (
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpi_jobs.fastx import Chunk
 
 PROG = "kmer"
 FAIL_RANK_ENV = "CLUSTERFLOW_KMER_FAIL_RANK"
@@ -137,22 +143,49 @@ def _lines_at(data: bytes, offset: int, count: int) -> list[bytes]:
     return out
 
 
-def _describe_error(path: Path, data: bytes, chunk_offset: int, err: int, at: int) -> str:
-    from mpi_jobs.kmer_numba import ERR_HEADER, ERR_QUALITY, ERR_SEPARATOR
+_FOUR_LINES = ("FASTQ records must be 4 lines (header, sequence, '+', quality); wrapped "
+               "multi-line FASTQ is not supported: unwrap it first (e.g. seqtk seq)")
 
-    lines = _lines_at(data, at, 4)
-    name = lines[0][1:].split(maxsplit=1)[0].decode("utf-8", "replace") if lines else ""
-    where = f"--input {path}: malformed FASTQ record {name!r} at byte {chunk_offset + at}"
+
+def _describe_error(path: Path, chunk: Chunk, err: int, at: int, record_at: int) -> str:
+    """One line naming the file, the line number and the fault (error path only: it reads
+    the input again up to the fault to count lines)."""
+    from mpi_jobs.fastx import line_number
+    from mpi_jobs.kmer_numba import (
+        ERR_HEADER,
+        ERR_HEADER_LONG,
+        ERR_PLUS_TITLE,
+        ERR_QUALITY,
+        ERR_QUALITY_CHAR,
+        ERR_SEPARATOR,
+        MAX_HEADER_BYTES,
+    )
+
+    data = chunk.data
+    line_no = line_number(path, chunk.offset + at)
+    if err == ERR_HEADER_LONG:
+        return (f"--input {path} line {line_no}: FASTA header longer than {MAX_HEADER_BYTES} "
+                "bytes; shorten the header lines")
+    lines = _lines_at(data, record_at, 4)
     if err == ERR_HEADER:
         head = lines[0][:40].decode("utf-8", "replace") if lines else ""
-        return (f"--input {path}: malformed FASTQ at byte {chunk_offset + at}: expected a "
-                f"header line starting with '@', got {head!r}")
+        return (f"--input {path} line {line_no}: malformed FASTQ: expected a header line "
+                f"starting with '@', got {head!r}; {_FOUR_LINES}")
+    name = lines[0][1:].split(maxsplit=1)[0].decode("utf-8", "replace") if lines else ""
+    where = f"--input {path} line {line_no}: malformed FASTQ record {name!r}"
     if err == ERR_SEPARATOR:
-        return f"{where}: its third line must start with '+'"
+        return f"{where}: its third line must start with '+'; {_FOUR_LINES}"
+    if err == ERR_PLUS_TITLE:
+        plus = _lines_at(data, at, 1)[0][:40].decode("utf-8", "replace")
+        return (f"{where}: its '+' line {plus!r} names another record (it may only repeat "
+                "the header's title or be a bare '+')")
+    if err == ERR_QUALITY_CHAR:
+        return (f"{where}: the quality line holds byte {data[at]:#04x}, which is not a quality "
+                "character ('!' to '~')")
     if err == ERR_QUALITY and len(lines) == 4:
         return (f"{where}: the quality line has {len(lines[3])} characters but the sequence "
                 f"has {len(lines[1])}")
-    return f"{where}: the record is truncated (a FASTQ record has 4 lines)"
+    return f"{where}: the record is truncated; {_FOUR_LINES}"
 
 
 def _exchange(
@@ -226,6 +259,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         open_source,
         read_chunk,
     )
+    from mpi_jobs.kmer_dump import merge_runs, send_run, sort_run
     from mpi_jobs.kmer_numba import BASE_CODES, CountTable, extract
 
     setup: object = None
@@ -287,18 +321,22 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             n = 0
             with timer:
                 try:
-                    chunk = read_chunk(source, round_ * size + rank, args.chunk_bytes, fmt)
+                    chunk = read_chunk(source, round_ * size + rank, args.chunk_bytes, fmt,
+                                       args.k)
                 except (OSError, EOFError, zlib.error) as exc:
                     problem = f"--input {args.input}: cannot read it ({type(exc).__name__}: {exc})"
+                except InputError as exc:
+                    problem = f"--input {args.input}: {exc}"
                 if chunk is not None:
-                    offset, data = chunk
-                    if codes.size < len(data):
-                        codes = np.empty(len(data), dtype=np.uint64)
-                        sendbuf = np.empty(len(data), dtype=np.uint64)
-                    view = np.frombuffer(data, dtype=np.uint8)
-                    n, err, at, records, bases = extract(view, fmt, args.k, BASE_CODES, codes)
+                    if codes.size < len(chunk.data):
+                        codes = np.empty(len(chunk.data), dtype=np.uint64)
+                        sendbuf = np.empty(len(chunk.data), dtype=np.uint64)
+                    n, err, at, record_at, records, bases = extract(
+                        np.frombuffer(chunk.data, dtype=np.uint8), fmt, args.k, BASE_CODES,
+                        codes, np.frombuffer(chunk.context, dtype=np.uint8), chunk.in_record,
+                    )
                     if err:
-                        problem = _describe_error(args.input, data, offset, err, at)
+                        problem = _describe_error(args.input, chunk, err, at, record_at)
                     stats += (records, bases, n)
             statuses = comm.allgather((problem, chunk is None))
             for found, _ in statuses:
@@ -326,30 +364,42 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
 
     with timer:
         keys, vals = table.items()
-        top_keys, top_vals = _top(keys, vals, args.top)
+        del table  # the compact copy is all that is needed from here on
         hist_counts, hist_kmers = _histogram(vals)
-    tops = comm.gather((top_keys, top_vals), root=0)
+        if args.top:
+            top_keys, top_vals = _top(keys, vals, args.top)
+        else:  # the full dump: sorted here, merged on rank 0 (`mpi_jobs.kmer_dump`)
+            keys, vals = sort_run(keys, vals)
     hists = comm.gather((hist_counts, hist_kmers), root=0)
     totals = np.zeros_like(stats) if rank == 0 else None
     comm.Reduce([stats, MPI.INT64_T], [totals, MPI.INT64_T] if rank == 0 else None,
                 op=MPI.SUM, root=0)
     distinct = comm.reduce(int(keys.size), op=MPI.SUM, root=0)
+    counts_path = args.out / "counts.tsv"
+    if args.top:
+        tops = comm.gather((top_keys, top_vals), root=0)
+        if rank == 0:
+            assert tops is not None
+            all_keys = np.concatenate([t[0] for t in tops])
+            all_vals = np.concatenate([t[1] for t in tops])
+            best_keys, best_vals = _top(all_keys, all_vals, args.top)
+            counts_text = "".join(
+                f"{kmer}\t{count}\n"
+                for kmer, count in zip(decode(best_keys, args.k), best_vals.tolist(), strict=True)
+            )
+            atomic_write_text(counts_path, counts_text)
+    elif rank == 0:
+        atomic_write(counts_path, lambda fh: merge_runs(comm, fh, keys, vals, args.k))
+    else:
+        send_run(comm, keys, vals)
     rank_seconds = comm.gather(timer.seconds, root=0)
     if rank == 0:
-        assert tops is not None and hists is not None and totals is not None
-        all_keys = np.concatenate([t[0] for t in tops])
-        all_vals = np.concatenate([t[1] for t in tops])
-        best_keys, best_vals = _top(all_keys, all_vals, args.top)
-        counts_text = "".join(
-            f"{kmer}\t{count}\n"
-            for kmer, count in zip(decode(best_keys, args.k), best_vals.tolist(), strict=True)
-        )
+        assert hists is not None and totals is not None
         merged: dict[int, int] = {}
         for hc, hk in hists:
             for c, m in zip(hc.tolist(), hk.tolist(), strict=True):
                 merged[c] = merged.get(c, 0) + m
         hist_text = "".join(f"{c}\t{m}\n" for c, m in sorted(merged.items()))
-        counts_path = atomic_write_text(args.out / "counts.tsv", counts_text)
         hist_path = atomic_write_text(args.out / "histogram.tsv", hist_text)
         assert rank_seconds is not None
         slowest = max(rank_seconds)

@@ -25,7 +25,11 @@ PREFETCH_AHEAD = 16
 FAST_GROWTH_BELOW = 1 << 22  # table rows (64 MiB): see `CountTable._grow`
 
 # Parse errors (codes returned by `extract`), with the byte offset of the offending record.
-ERR_NONE, ERR_HEADER, ERR_SEPARATOR, ERR_QUALITY, ERR_TRUNCATED = range(5)
+(ERR_NONE, ERR_HEADER, ERR_SEPARATOR, ERR_QUALITY, ERR_TRUNCATED, ERR_PLUS_TITLE,
+ ERR_QUALITY_CHAR, ERR_HEADER_LONG) = range(8)
+# Longest FASTA header line accepted. Chunk boundaries inside a record are found by looking
+# back at most `fastx.LOOKBACK` bytes for the line start; the bound on headers makes that exact.
+MAX_HEADER_BYTES = 1 << 15
 
 _LUT = np.full(256, 4, dtype=np.uint8)
 for _i, _c in enumerate(b"ACGT"):
@@ -63,24 +67,19 @@ def _scan_bases(data, lo, hi, lut, k, mask, shift, fwd, rc, valid, out, n):  # t
 
 
 @jit
-def extract(data, fmt, k, lut, out):  # type: ignore[no-untyped-def]
-    """Canonical k-mer codes of every record in `data` (whole records) into `out`.
-
-    Returns ``(n_kmers, error, error_offset, records, bases)``; `fmt` 0 = FASTA, 1 = FASTQ.
-    FASTA sequence continues across line breaks; FASTQ must be 4-line records with a quality
-    line as long as the sequence. Any non-ACGT character breaks the current k-mer run.
-    """
+def _extract(data, fmt, k, lut, out, context, in_record, max_header):  # type: ignore[no-untyped-def]
     size = data.shape[0]
     mask = (np.uint64(1) << np.uint64(2 * k)) - np.uint64(1)
     shift = np.uint64(2 * (k - 1))
-    fwd = np.uint64(0)
-    rc = np.uint64(0)
-    valid = 0
-    n = 0
+    # FASTA: the chunk may start inside a record; `context` holds the (at most k - 1) sequence
+    # bytes before it, which seed the rolling k-mer without emitting one.
+    fwd, rc, valid, n = _scan_bases(context, 0, context.shape[0], lut, k, mask, shift,
+                                    np.uint64(0), np.uint64(0), 0, out, 0)
     records = 0
     bases = 0
     line = 0  # FASTQ: line index within the record
     record_start = 0
+    header_end = 0
     seq_len = 0
     p = 0
     while p < size:
@@ -92,9 +91,12 @@ def extract(data, fmt, k, lut, out):  # type: ignore[no-untyped-def]
             end -= 1
         if fmt == 0:
             if end > p and data[p] == 62:  # '>'
+                if end - p > max_header:
+                    return n, ERR_HEADER_LONG, p, p, records, bases
                 records += 1
+                in_record = True
                 valid = 0
-            else:
+            elif in_record:
                 bases += end - p
                 fwd, rc, valid, n = _scan_bases(data, p, end, lut, k, mask, shift, fwd, rc,
                                                 valid, out, n)
@@ -104,8 +106,9 @@ def extract(data, fmt, k, lut, out):  # type: ignore[no-untyped-def]
                     p = q + 1
                     continue
                 if data[p] != 64:  # '@'
-                    return n, 1, p, records, bases
+                    return n, ERR_HEADER, p, p, records, bases
                 record_start = p
+                header_end = end
                 records += 1
             elif line == 1:
                 seq_len = end - p
@@ -115,15 +118,52 @@ def extract(data, fmt, k, lut, out):  # type: ignore[no-untyped-def]
                                                 valid, out, n)
             elif line == 2:
                 if end == p or data[p] != 43:  # '+'
-                    return n, 2, record_start, records, bases
+                    return n, ERR_SEPARATOR, p, record_start, records, bases
+                if end - p > 1:  # '+title' must repeat the header's title (as Biopython)
+                    title = header_end - record_start - 1
+                    same = end - p - 1 == title
+                    i = 0
+                    while same and i < title:
+                        same = data[p + 1 + i] == data[record_start + 1 + i]
+                        i += 1
+                    if not same:
+                        return n, ERR_PLUS_TITLE, p, record_start, records, bases
             else:
                 if end - p != seq_len:
-                    return n, 3, record_start, records, bases
+                    return n, ERR_QUALITY, p, record_start, records, bases
+                for i in range(p, end):
+                    if data[i] < 33 or data[i] > 126:  # Sanger/Illumina: '!' .. '~' only
+                        return n, ERR_QUALITY_CHAR, i, record_start, records, bases
             line = (line + 1) & 3
         p = q + 1
     if fmt == 1 and line != 0:
-        return n, 4, record_start, records, bases
-    return n, 0, 0, records, bases
+        return n, ERR_TRUNCATED, record_start, record_start, records, bases
+    return n, ERR_NONE, 0, 0, records, bases
+
+
+_NO_CONTEXT = np.empty(0, dtype=np.uint8)
+
+
+def extract(  # type: ignore[no-untyped-def]
+    data, fmt, k, lut, out, context=None, in_record=False, max_header=MAX_HEADER_BYTES
+):
+    """Canonical k-mer codes of every record in `data` into `out`.
+
+    Returns ``(n_kmers, error, error_offset, record_offset, records, bases)``; `fmt` 0 = FASTA,
+    1 = FASTQ. `error_offset` is where the fault is (the offending line, or byte of a quality
+    line), `record_offset` the start of the record it is in: both index `data`.
+
+    FASTA: sequence continues across line breaks; `data` may start inside a record
+    (`in_record`, with the preceding sequence bytes in `context`: see `mpi_jobs.fastx`); lines
+    before the first header of a chunk that is not `in_record` are ignored (only blank lines
+    can be there: `detect_format` checked the first non-blank character). A header longer
+    than `max_header` bytes is an error, which is what lets chunk boundaries be found with a
+    bounded look-back. FASTQ: strict 4-line records (header ``@``, sequence, ``+`` optionally
+    repeating the header's title, quality as long as the sequence and printable ``!``..``~``);
+    anything else is an error. Any non-ACGT character breaks the current k-mer run.
+    """
+    ctx = _NO_CONTEXT if context is None else context
+    return _extract(data, fmt, k, lut, out, ctx, in_record, max_header)
 
 
 @jit

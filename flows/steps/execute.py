@@ -60,6 +60,7 @@ class StepRun:
         self.cancelled: set[str] = set()  # steps whose remaining points must stop (fail_fast)
         self.arrays: dict[str, Any] = {}  # step -> ArrayBatch (Slurm job arrays)
         self._staged: dict[tuple[str, str], Path] = {}
+        self._s3_ids: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     # ---- where things go
@@ -86,8 +87,11 @@ class StepRun:
         for ref in self.plan.inputs[point.step]:
             if ref.kind == "step":
                 out[ref.name] = upstream_identity(ref, self.upstream_records(point, ref.value))
-            elif ref.kind == "s3":
-                out[ref.name] = s3_identity(self.aws, ref.value)
+            elif ref.kind == "s3":  # the same object for every point of a sweep: ask once
+                with self._lock:
+                    if ref.value not in self._s3_ids:
+                        self._s3_ids[ref.value] = s3_identity(self.aws, ref.value)
+                out[ref.name] = self._s3_ids[ref.value]
             else:
                 out[ref.name] = local_identity(Path(ref.value))
         return out

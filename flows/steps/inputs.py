@@ -17,7 +17,8 @@ from typing import Any
 
 from flows.steps.graph import InputRef
 from infra.aws.clients import AwsTarget
-from infra.staging.objects import IntegrityError, _b64_to_hex, download, sha256_file
+from infra.staging.locations import StageError
+from infra.staging.objects import _b64_to_hex, download, sha256_file
 
 
 class InputError(RuntimeError):
@@ -127,9 +128,10 @@ def stage_s3(aws: AwsTarget, uri: str, dest: Path) -> Path:
     try:
         if key and not key.endswith("/"):
             return download(aws, bucket, key, dest / Path(key).name).path
-        from infra.staging.stager import StageOptions, Stager
+        from infra.staging.model import StageOptions
+        from infra.staging.stager import Stager
 
         Stager(aws, StageOptions()).stage(uri, str(dest))
         return dest
-    except IntegrityError as e:
+    except StageError as e:  # integrity, a missing prefix, an unsafe key: one line
         raise InputError(str(e)) from None

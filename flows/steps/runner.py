@@ -119,9 +119,15 @@ class ArrayBatch:
             self.cond.notify_all()
 
 
+# Every point of an array waits in its own task-runner thread until the array is submitted,
+# so an array may not have more points than the flow's pool has threads to spare (256);
+# a larger sweep goes to Slurm as one sbatch per point, max_parallel at a time.
+ARRAY_MAX_POINTS = 200
+
+
 def _uses_array(run: StepRun, step: StepSpec) -> bool:
     return (run.backend_of(step) == "slurm" and step.sweep is not None and not step.per_point
-            and len(run.plan.points[step.name]) > 1)
+            and 1 < len(run.plan.points[step.name]) <= ARRAY_MAX_POINTS)
 
 
 def _point_summary(point: Point, **fields: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infra.aws.clients import AwsConfigError, AwsMode, AwsTarget, real_target
+from infra.child_processes import die_with_parent
 
 STARTUP_TIMEOUT_S = 60.0
 # moto's Batch runs jobs in Docker unless told otherwise; there is no Docker engine here.
@@ -59,12 +60,18 @@ def _answers(url: str, attempts: int = 1, timeout: float = 1.0) -> bool:
 
 
 class MotoServer:
-    """A moto server subprocess with clusterflow's extensions (``infra.aws.moto_server``)."""
+    """A moto server subprocess with clusterflow's extensions (``infra.aws.moto_server``).
 
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    ``die_with_parent``: the server gets SIGTERM when this process dies, even by SIGKILL
+    (for a server that lives for one command; the local stack's outlives ``local up``).
+    """
+
+    def __init__(self, log_path: Path, port: int | None = None,
+                 die_with_parent: bool = False) -> None:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MotoServer:
@@ -75,6 +82,7 @@ class MotoServer:
              "-p", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+            preexec_fn=die_with_parent() if self.die_with_parent else None,
         )
         log.close()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -128,7 +136,7 @@ def aws_target(mode: AwsMode, region: str) -> Iterator[AwsTarget]:
     if url:
         yield AwsTarget(region=region, endpoint_url=url, embedded=True)
         return
-    server = MotoServer(state_dir() / "logs" / "moto.log").start()
+    server = MotoServer(state_dir() / "logs" / "moto.log", die_with_parent=True).start()
     try:
         yield AwsTarget(region=region, endpoint_url=server.url, embedded=True)
     finally:

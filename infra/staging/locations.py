@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 NAME_MAX = 255
 
@@ -21,6 +25,14 @@ class StageError(RuntimeError):
 
 class UnsafeKeyError(StageError):
     """A source key would land outside the destination (or nowhere sensible)."""
+
+
+class IntegrityError(StageError):
+    """Data did not match its checksum; nothing was left under the final name."""
+
+
+class OutsideLinkError(StageError):
+    """A symlink in a local source tree points outside it (refused unless links are followed)."""
 
 
 class DestinationError(StageError):
@@ -185,6 +197,23 @@ def destination_error(e: OSError, where: Path) -> StageError:
             "needed (the source has both 'x' and 'x/...'?)"
         )
     return DestinationError(f"cannot write {e.filename or where}: {e.strerror or e}")
+
+
+def client_error(e: ClientError, what: str) -> StageError:
+    """Turn an S3 error into one a user can act on (missing bucket, access, a changed object)."""
+    code = e.response.get("Error", {}).get("Code", "")
+    if code in ("NoSuchBucket",):
+        return StageError(f"{what}: the bucket does not exist (check the name and region)")
+    if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                "SignatureDoesNotMatch"):
+        return StageError(f"{what}: access denied ({code}); the credentials in use may not "
+                          "read/write this bucket or prefix")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return StageError(f"{what}: the object was deleted while it was being staged; re-run")
+    if code in ("PreconditionFailed", "412"):
+        return StageError(f"{what}: the object changed while it was being staged; re-run to "
+                          "stage the new version")
+    return StageError(f"{what}: {code or 'error'}: {e}")
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -107,6 +107,8 @@ class ManifestCache:
 
     def _write(self, records: Mapping[str, dict[str, Any]], complete: str | None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for old in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            _remove_if_dead(old)  # a rewrite a killed run left half-written
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         head = {"v": VERSION, "src": self.src, "dst": self.dst, "complete": complete}
         with tmp.open("w", encoding="utf-8") as f:
@@ -114,3 +116,20 @@ class ManifestCache:
             for rel, rec in records.items():
                 f.write(json.dumps({"k": rel, **rec}, ensure_ascii=False) + "\n")
         os.replace(tmp, self.path)
+
+
+def _remove_if_dead(tmp: Path) -> None:
+    """Remove ``.<name>.<pid>.tmp`` unless process ``pid`` still runs (it may be writing it)."""
+    try:
+        pid = int(tmp.name.rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return
+    if pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+            return
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return
+    tmp.unlink(missing_ok=True)

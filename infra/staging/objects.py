@@ -3,15 +3,20 @@
 Uploads carry a SHA-256 that S3 verifies on receipt (``ChecksumAlgorithm``) and stores, so a
 reader can check an object without downloading it twice; downloads are hashed while written
 to a temporary name and only renamed into place when the hash matches, so a partial or corrupt
-file never appears under its final name.
+file never appears under its final name. An upload sends the file through
+:class:`~infra.staging.verify.VerifiedSource`, so a file rewritten while it is uploaded fails the
+upload before the object exists instead of leaving bytes that differ from their ``sha256``.
+A download's temporary file is named like the stager's (``.<name>.<pid>.<rand>.cfpart``), so
+the one a killed process left is removed by the next download to the same name.
 """
 
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +24,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from infra.aws.clients import AwsTarget
+from infra.staging.listing import PART_SUFFIX, remove_dead_part
+from infra.staging.locations import IntegrityError
+from infra.staging.verify import VerifiedSource, source_changed
 
 CHUNK = 1 << 20
 # Below the threshold one PUT carries a full-object SHA-256; above it S3 keeps a composite
 # checksum ("...-N"), which readers verify by hashing the stream instead.
 TRANSFER = TransferConfig(multipart_threshold=64 * CHUNK, multipart_chunksize=16 * CHUNK)
-
-
-class IntegrityError(RuntimeError):
-    """Data did not match its checksum; nothing was left under the final name."""
 
 
 @dataclass(frozen=True)
@@ -86,15 +90,23 @@ def upload(aws: AwsTarget, path: Path, bucket: str, key: str) -> Transferred:
     digest = sha256_file(path)
     size = path.stat().st_size
     extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}}
-    if size < TRANSFER.multipart_threshold:
-        # Hand S3 our own digest: it rejects the PUT if the bytes it got hash differently.
-        with path.open("rb") as f:
-            aws.client("s3").put_object(Bucket=bucket, Key=key, Body=f,
-                                        ChecksumAlgorithm="SHA256",
-                                        ChecksumSHA256=_hex_to_b64(digest),
-                                        Metadata={"sha256": digest})
-    else:
-        aws.client("s3").upload_file(str(path), bucket, key, ExtraArgs=extra, Config=TRANSFER)
+    try:
+        with VerifiedSource(path, size, digest, f"s3://{bucket}/{key}") as body:
+            if size < TRANSFER.multipart_threshold:
+                # Hand S3 our own digest: it rejects the PUT if the bytes it got hash
+                # differently (and the VerifiedSource refuses to send other bytes at all).
+                aws.client("s3").put_object(Bucket=bucket, Key=key, Body=body,
+                                            ChecksumAlgorithm="SHA256",
+                                            ChecksumSHA256=_hex_to_b64(digest),
+                                            Metadata={"sha256": digest})
+            else:
+                aws.client("s3").upload_fileobj(body, bucket, key, ExtraArgs=extra,
+                                                Config=TRANSFER)
+    except Exception as err:
+        changed = source_changed(err)
+        if changed is None:
+            raise
+        raise changed from None
     return Transferred(uri=f"s3://{bucket}/{key}", path=path, bytes=size, sha256=digest)
 
 
@@ -112,9 +124,12 @@ def download(aws: AwsTarget, bucket: str, key: str, dest: Path) -> Transferred:
             "metadata); re-upload it with clusterflow so it can be verified"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    stem = f".{dest.name.encode()[:64].decode(errors='ignore')}."
+    for old in dest.parent.glob(f"{glob.escape(stem)}*{PART_SUFFIX}"):
+        remove_dead_part(old)  # a killed download's temporary file (its pid is gone)
+    tmp = dest.parent / f"{stem}{os.getpid()}.{secrets.token_hex(4)}{PART_SUFFIX}"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             s3.download_fileobj(bucket, key, f, Config=TRANSFER)
             f.flush()
             os.fsync(f.fileno())

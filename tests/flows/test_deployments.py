@@ -33,7 +33,8 @@ from mpi_jobs.manifest import atomic_save_npy, write_manifest
 from tests.conftest import BIN, REPO
 
 T = TypeVar("T")
-NAMES = {"hpc-pipeline/nightly", "hpc-pipeline/on-upload", "postprocess/on-result"}
+NAMES = {"hpc-pipeline/nightly", "hpc-pipeline/on-upload", "postprocess/on-result",
+         "guard-sweep/every-5-min"}
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -142,6 +143,9 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
         assert next_runs[0] == min(r.expected_start_time for r in scheduled)
         assert next_runs[0] > stack["deploying_at"]
         assert listed["hpc-pipeline/on-upload"]["next_runs"] == []
+        sweep = deps["guard-sweep/every-5-min"]
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in sweep.schedules] \
+            == [("*/5 * * * *", "UTC", True)]
 
         expected = {
             "hpc-pipeline/on-upload": ("input", {"input_key": "{{ event.resource['s3.key'] }}"}),
@@ -167,7 +171,7 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
     assert {d["name"]: d["id"] for d in json.loads(again.stdout)["deployments"]} == {
         n: d["id"] for n, d in listed.items()}
     with _prefect(stack) as client:
-        for name in NAMES - {"hpc-pipeline/nightly"}:
+        for name in NAMES - {"hpc-pipeline/nightly", "guard-sweep/every-5-min"}:
             assert len(_automations(client, client.read_deployment_by_name(name).id)) == 1
         # ...and the scheduled runs are not doubled.
         again_runs = _runs(client, "hpc-pipeline/nightly")
@@ -178,7 +182,8 @@ def test_deploy_registers_schedule_and_triggers(stack: dict[str, Any]) -> None:
     shown = _cli(["deploy"], {**stack["env"], "COLUMNS": "250"})
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
-    assert "registered 3 deployments" in text
+    assert "registered 4 deployments" in text
+    assert "guard-sweep/every-5-min cron */5 * * * * UTC" in text
     assert "cron 0 2 * * * UTC" in text and "event s3.object.created" in text
     assert min(r.expected_start_time for r in scheduled).isoformat()[:16] in text
 

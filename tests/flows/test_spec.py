@@ -44,6 +44,33 @@ def test_overrides_win_and_none_is_ignored():
          "storage.input_bucket"),
         ({"fanout": {"queues": ["a b"]}}, "fanout.queues"),
         ({"fanout": {"queues": []}}, "fanout.queues"),
+        # Strict numbers: a boolean (or a float, or a string) is not an integer.
+        ({"ranks": True}, "ranks"),
+        ({"ranks": 2.0}, "ranks"),
+        ({"ranks": "2"}, "ranks"),
+        ({"kernel": {"name": "heat", "parameters": {"steps": True}}}, "kernel.parameters.steps"),
+        ({"kernel": {"name": "heat", "parameters": {"alpha": True}}}, "kernel.parameters.alpha"),
+        ({"kernel": {"name": "kmer", "parameters": {"k": False}}}, "kernel.parameters.k"),
+        ({"kernel": {"name": "kmer", "parameters": {"gzip": 1}}}, "kernel.parameters.gzip"),
+        ({"kernel": {"name": "var", "parameters": {"paths": 1e6}}}, "kernel.parameters.paths"),
+        ({"kernel": {"name": "heat", "retries": True}}, "kernel.retries"),
+        ({"fanout": {"max_receive_count": True}}, "fanout.max_receive_count"),
+        ({"local": {"oversubscribe": "lots"}}, "local.oversubscribe"),
+        # S3's own naming rules, and regions botocore knows.
+        ({"storage": {"input_bucket": "192.168.5.4", "results_bucket": "ok-bucket"}},
+         "storage.input_bucket"),
+        ({"storage": {"input_bucket": "ok-bucket", "results_bucket": "xn--results"}},
+         "storage.results_bucket"),
+        ({"storage": {"input_bucket": "ok-bucket", "results_bucket": "results--x-s3"}},
+         "storage.results_bucket"),
+        ({"region": "us-east-9"}, "region"),
+        ({"region": "useast1"}, "region"),
+        ({"region": "useast1", "allow_unlisted_region": True}, "region"),
+        # Run directories never go into a system directory.
+        ({"scratch_dir": "/"}, "scratch_dir"),
+        ({"scratch_dir": "/usr"}, "scratch_dir"),
+        ({"scratch_dir": "/etc/clusterflow"}, "scratch_dir"),
+        ({"scratch_dir": "~"}, "scratch_dir"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, change, field):
@@ -79,4 +106,47 @@ def test_prefix_is_normalised_and_traversal_refused(tmp_path):
     assert load_spec(_write(tmp_path, doc)).storage.results_prefix == "out/"
     doc["storage"]["results_prefix"] = "../escape/"
     with pytest.raises(SpecError, match="storage.results_prefix"):
+        load_spec(_write(tmp_path, doc))
+
+
+def test_yaml_numbers_are_still_numbers(tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text(DEFAULT_SPEC.read_text().replace("ranks: 2", "ranks: 3"))  # YAML text
+    spec = load_spec(p)
+    assert spec.ranks == 3 and isinstance(spec.ranks, int)
+    doc = _default()
+    doc["kernel"] = {"name": "heat", "parameters": {"nx": 64, "ny": 32, "steps": 5, "alpha": 0.1}}
+    spec = load_spec(_write(tmp_path, doc))
+    assert (spec.kernel.parameters.nx, spec.kernel.parameters.alpha) == (64, 0.1)
+    doc["kernel"]["parameters"]["alpha"] = 0  # an int where a float goes is fine (then > 0)
+    with pytest.raises(SpecError, match="greater than 0"):
+        load_spec(_write(tmp_path, doc))
+
+
+def test_an_unlisted_region_with_the_opt_in_is_accepted(tmp_path):
+    doc = _default()
+    doc.update(region="us-east-9", allow_unlisted_region=True)
+    assert load_spec(_write(tmp_path, doc)).region == "us-east-9"
+
+
+def test_oversubscription_beyond_the_default_is_refused_unless_allowed(tmp_path):
+    from flows.resource_checks import usable_cores
+
+    doc = _default()
+    doc["ranks"] = 2 * usable_cores() + 1
+    with pytest.raises(SpecError, match=r"ranks: \d+ ranks on the local backend"):
+        load_spec(_write(tmp_path, doc))
+    doc["local"] = {"oversubscribe": True}
+    assert load_spec(_write(tmp_path, doc)).ranks == doc["ranks"]
+    doc["backend"] = "slurm"  # Slurm decides what fits on its nodes
+    doc.pop("local")
+    assert load_spec(_write(tmp_path, doc)).backend == "slurm"
+
+
+def test_a_grid_that_cannot_fit_is_refused_before_anything_exists(tmp_path):
+    doc = _default()
+    doc["kernel"]["parameters"] = {"nx": 65536, "ny": 65536, "steps": 1, "nz": 65536,
+                                   "alpha": 0.1}
+    with pytest.raises(SpecError, match=r"kernel.parameters: heat on 2 ranks needs about "
+                       r"[\d.]+ PiB of memory \(nx=65536, ny=65536, nz=65536\)"):
         load_spec(_write(tmp_path, doc))

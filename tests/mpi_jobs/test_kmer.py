@@ -27,7 +27,7 @@ from tests.kernel_launch import (
 
 def _extract(data: bytes, fmt: int, k: int) -> tuple[list[str], int]:
     out = np.empty(len(data) + 1, dtype=np.uint64)
-    n, err, _, _, _ = extract(np.frombuffer(data, dtype=np.uint8), fmt, k, BASE_CODES, out)
+    n, err, _, _, _, _ = extract(np.frombuffer(data, dtype=np.uint8), fmt, k, BASE_CODES, out)
     return decode(out[:n], k), err
 
 
@@ -91,9 +91,8 @@ def test_chunks_hold_every_record_exactly_once(tmp_path: Path, name: str) -> Non
         source = GzipSource(path) if name.endswith(".gz") else PlainSource(path)
         pieces, index = [], 0
         while (chunk := read_chunk(source, index, chunk_bytes, fmt)) is not None:
-            offset, data = chunk
-            assert text[offset : offset + len(data)] == data
-            pieces.append(data)
+            assert text[chunk.offset : chunk.offset + len(chunk.data)] == chunk.data
+            pieces.append(chunk.data)
             index += 1
         source.close()
         assert b"".join(pieces) == text, chunk_bytes
@@ -156,6 +155,10 @@ def test_matches_serial_counter(
     assert manifest["kernel"] == "kmer" and manifest["ranks"] == ranks
     assert manifest["distinct_kmers"] == counts_tsv.count("\n")
     assert manifest["input"]["gzip"] == name.endswith(".gz")
+    text = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    fasta = name.startswith("g")
+    records = text.count(b"\n>") + text.startswith(b">") if fasta else text.count(b"\n") // 4
+    assert manifest["records"] == records
 
 
 def test_top_n_is_the_head_of_the_full_ranking(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from infra.backends.launchers import MpiexecLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
+from infra.child_processes import die_with_parent
 
 
 class LocalProvider(ExecutionProvider):
@@ -28,9 +29,11 @@ class LocalProvider(ExecutionProvider):
         out, err = workdir / f"{job_name}.out", workdir / f"{job_name}.err"
         with out.open("wb") as fo, err.open("wb") as fe:
             # Own session: cancel() can signal mpiexec and every rank it started at once.
+            # SIGTERM on our death (even SIGKILL): mpiexec then stops its ranks itself.
+            # Submitted from the thread that waits on the job, so it lives as long as the job.
             proc = subprocess.Popen(command, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
                                     cwd=workdir, env={**os.environ, **(env or {})},
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=die_with_parent())
         job_id = str(proc.pid)
         self._procs[job_id] = proc
         return JobHandle(job_id=job_id, stdout=out, stderr=err)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from infra.clusters.slurm_local.cluster import LocalSlurm
 from infra.clusters.slurm_local.layout import LocalSlurmError, console
@@ -17,16 +18,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A real single-node Slurm on this machine (for the slurm backend).")
 
 StateDirOpt = Annotated[Path | None, typer.Option(
-    "--state-dir", help="Where config, keys, spool, logs and state live "
-    "[default: $CLUSTERFLOW_HOME/slurm].")]
+    "--state-dir", help="Where config, keys, spool, logs and state live.",
+    show_default="$CLUSTERFLOW_HOME/slurm")]  # typer renders it; "[...]" in help is markup
 
 
 @app.command()
 def up(
     state_dir: StateDirOpt = None,
     state_save_location: Annotated[Path | None, typer.Option(
-        help="slurmctld's StateSaveLocation (kept across ups once set) "
-        "[default: <state dir>/ctld-state].")] = None,
+        help="slurmctld's StateSaveLocation (kept across ups once set).",
+        show_default="<state dir>/ctld-state")] = None,
     install_missing: Annotated[bool, typer.Option(
         "--install/--no-install", help="apt-get install Slurm and munge when missing (root).",
     )] = True,
@@ -38,7 +39,7 @@ def up(
     try:
         done = cluster.up(install_missing=install_missing, timeout=timeout)
     except LocalSlurmError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     name, state = done["node"]
     what = ("already running" if not (done["started"] or done["restarted"]) else

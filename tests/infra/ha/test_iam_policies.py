@@ -1,4 +1,4 @@
-"""The HA roles' IAM documents: valid, least privilege, and scoped by tag or ARN.
+"""The HA roles' and the guard handler's IAM documents: valid, least privilege, scoped.
 
 Checked against AWS's own catalogue of actions, resource types and condition keys (the one
 parliament ships), so "EC2 allows no resource-level permission for this action" is looked up,
@@ -17,6 +17,9 @@ import pytest
 from parliament import analyze_policy_string
 
 from infra.aws.clients import AwsTarget
+from infra.guard.config import GuardConfig
+from infra.guard.iam import HANDLER_POLICY as GUARD_POLICY
+from infra.guard.iam import handler_policy, policy_values
 from infra.ha.config import HaConfig
 from infra.ha.iam import (
     HANDLER_POLICY,
@@ -31,8 +34,14 @@ from infra.ha.iam import (
 CFG = HaConfig(cluster="demo", design="asg")
 VALUES = {"Partition": "aws", "Region": "us-east-1", "Account": "123456789012",
           "Cluster": "demo", "Prefix": "clusterflow-demo", "AsgName": "clusterflow-demo-head",
-          "AlarmName": "clusterflow-demo-head-status"}
-PERMISSION_DOCS = sorted({INSTANCE_POLICY, *HANDLER_POLICY.values()})
+          "AlarmName": "clusterflow-demo-head-status",
+          # the guard handler's (infra.guard.iam.policy_values, the config's defaults)
+          "GuardPrefix": "clusterflow-guard", "GuardTable": "clusterflow-guard",
+          "AlertsTopic": "clusterflow-security-alerts", "GuardQueue": "guard-events"}
+PERMISSION_DOCS = sorted({INSTANCE_POLICY, *HANDLER_POLICY.values(), GUARD_POLICY})
+# The names a document's non-EC2 grants must stay within (its own resources).
+OWN_NAMES = {GUARD_POLICY: ("clusterflow-guard", "clusterflow-security-alerts",
+                            "guard-events")}
 CATALOGUE = json.loads((Path(parliament.__file__).parent / "iam_definition.json").read_text())
 
 
@@ -109,7 +118,8 @@ def test_least_privilege(doc: str) -> None:
                            "aws:RequestTag/clusterflow:cluster", "ec2:CreateAction"}, (
                 f"{doc} {st['Sid']}: not scoped by the cluster tag")
         else:  # other services: the exact ARN of this cluster's resource
-            assert all("clusterflow-demo" in r for r in resources), f"{doc} {st['Sid']}"
+            own = OWN_NAMES.get(doc, ("clusterflow-demo",))
+            assert all(any(n in r for n in own) for r in resources), f"{doc} {st['Sid']}"
 
 
 def test_instance_role_may_associate_only_the_tagged_eip() -> None:
@@ -163,3 +173,35 @@ def test_roles_carry_the_rendered_documents(aws: AwsTarget) -> None:
     assert json.dumps(body).count(f'"{cfg.cluster}"') >= 5
     profile = iam.get_instance_profile(InstanceProfileName=cfg.instance_role)
     assert [r["RoleName"] for r in profile["InstanceProfile"]["Roles"]] == [cfg.instance_role]
+
+
+def test_guard_handler_may_only_edit_what_guard_init_created() -> None:
+    statements = _statements(GUARD_POLICY)
+    actions = {a for st in statements for a in _as_list(st["Action"])}
+    # Exactly what event_bridge.guard_handler calls (plus Lambda's queue and log calls): it
+    # adds and removes entries and addresses, never creates or deletes a resource.
+    assert actions == {
+        "ec2:DescribeNetworkAcls", "ec2:DescribeSubnets", "ec2:DescribeVpcs",
+        "ec2:CreateNetworkAclEntry", "ec2:DeleteNetworkAclEntry",
+        "wafv2:ListIPSets", "wafv2:GetIPSet", "wafv2:UpdateIPSet",
+        "dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:DeleteItem", "dynamodb:Scan",
+        "sns:Publish", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes", "logs:CreateLogGroup", "logs:CreateLogStream",
+        "logs:PutLogEvents"}
+    assert not actions & {"wafv2:UpdateWebACL", "wafv2:CreateIPSet", "wafv2:DeleteIPSet",
+                          "ec2:CreateNetworkAcl", "ec2:DeleteNetworkAcl",
+                          "ec2:RevokeSecurityGroupIngress", "dynamodb:CreateTable"}
+    [waf] = [st for st in statements if "wafv2:UpdateIPSet" in _as_list(st["Action"])]
+    assert sorted(r.split(":")[3] for r in waf["Resource"]) == [
+        "us-east-1", "us-east-1", "us-east-1", "us-east-1"]  # VALUES' region is us-east-1 too
+    assert all("/ipset/clusterflow-guard-v" in r for r in waf["Resource"])
+    # Rendered from a config: its own names, CLOUDFRONT sets always in us-east-1.
+    cfg = GuardConfig(region="eu-west-1", name_prefix="hpc-guard", registry_table="hpc-blocks",
+                      alerts_topic="hpc-alerts")
+    doc = handler_policy(cfg, "123456789012", "demo")
+    [waf] = [st for st in doc["Statement"] if "wafv2:UpdateIPSet" in _as_list(st["Action"])]
+    assert sorted({(r.split(":")[3], r.split(":")[5].split("/")[0]) for r in waf["Resource"]}
+                  ) == [("eu-west-1", "regional"), ("us-east-1", "global")]
+    text = json.dumps(doc)
+    assert "table/hpc-blocks" in text and "sns:eu-west-1:123456789012:hpc-alerts" in text
+    assert policy_values(cfg, "1", "c")["Cluster"] == "c"

@@ -14,8 +14,9 @@ from boto3.s3.transfer import TransferConfig
 
 from flows.pipeline import ensure_bucket
 from infra.staging.locations import DestinationError, StageError, UnsafeKeyError
+from infra.staging.model import StageOptions
 from infra.staging.objects import IntegrityError
-from infra.staging.stager import StageOptions, Stager
+from infra.staging.stager import Stager
 
 MiB = 1 << 20
 
