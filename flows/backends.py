@@ -25,14 +25,25 @@ def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
 
     o = spec.slurm
     return SlurmProvider(partition=o.partition, time_limit=o.time_limit, launcher=o.launcher,
-                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args)
+                         slurm_conf=o.conf, overcommit=o.overcommit, sbatch_args=o.sbatch_args,
+                         requeue=o.requeue, max_interruptions=o.max_interruptions)
 
 
 @contextlib.contextmanager
 def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[ExecutionProvider]:
     """The spec's provider; cloud backends create what they need on entry (a cluster, a Batch
     environment) and apply the spec's ``teardown`` on exit, whether the jobs succeeded or not.
+    Its jobs are known to the run's budget watchdog, which cancels them past the budget.
     """
+    from flows.watchdog import guard
+
+    with _open_backend(spec, aws, logger) as provider:
+        yield guard(provider)
+
+
+@contextlib.contextmanager
+def _open_backend(spec: PipelineSpec, aws: AwsTarget,
+                  logger: Any) -> Iterator[ExecutionProvider]:
     if spec.backend == "local":
         yield LocalProvider()
     elif spec.backend == "slurm":

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.budget import check_budget
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -43,6 +44,9 @@ def _summary(result: dict[str, Any]) -> None:
     for q, r in result["fanout"]["queues"].items():
         out.print(f"queue {q:<12}{r['events_received']} event(s) received, "
                   f"{r['verified']} verified", **plain)
+    if result.get("spot", {}).get("interruptions"):
+        out.print(f"interrupted       {result['spot']['interruptions']} time(s), "
+                  f"{result['spot']['seconds_lost']:.1f} s in interrupted attempts")
 
 
 def _steps_summary(result: dict[str, Any]) -> None:
@@ -88,6 +92,9 @@ def run(
     aws: Annotated[str | None, typer.Option(
         help="'embedded' (local moto, the default) or 'real' (your AWS account).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only the read-only checks against the account; create nothing.")
+    ] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
     from flows.run_preflight import check_before_start
@@ -95,6 +102,7 @@ def run(
     try:
         # Refuse a bad spec before anything starts.
         loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
+        check_budget(loaded, spec)
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
@@ -109,6 +117,10 @@ def run(
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    if dry_run:
+        from flows.planning.dryrun import dry_run as check_only
+
+        raise typer.Exit(check_only(loaded, spec, as_json))
 
     from flows import prefect_runtime
     from flows.signals import exit_on_interrupt, terminate_like_interrupt
@@ -156,6 +168,7 @@ def _mount() -> None:
     from event_bridge.cli import app as events_app
     from flows.local_cli import local_app
     from flows.local_cli import register as register_deploy
+    from flows.planning.command import register as register_plan
     from infra.clusters.slurm_local.cli import app as slurm_app
     from infra.clusters.validate_cli import register as register_validate
     from infra.guard.cli import guard_app
@@ -166,6 +179,7 @@ def _mount() -> None:
     register_validate(app)  # clusterflow validate FILE...
     register_stage(app)  # clusterflow stage SRC DST
     register_deploy(app)  # clusterflow deploy
+    register_plan(app)  # clusterflow plan SPEC
     app.add_typer(events_app, name="events")  # apply | show | drain | replay | dlq ...
     app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
     app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
 from flows.backends import open_backend, slurm_provider
+from flows.budget import budget_watch, check_budget
 from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
@@ -34,6 +35,7 @@ from infra.aws.embedded import aws_target
 from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
+from infra.backends.providers.spot import attempts_file, read_interruptions
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 from infra.telemetry.job import telemetry_env
 
@@ -196,7 +198,9 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
     info = spec.kernel_info
     out_dir = run_dir / "out"
     checkpoints = run_dir / "checkpoints" if spec.kernel.checkpoint_every else None
-    restart = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
+    # With requeue (Spot) the same script runs again after a reclaim: it must always resume.
+    restart = checkpoints is not None and (spec.slurm.requeue and spec.backend == "slurm" or (
+        checkpoints.is_dir() and any(checkpoints.iterdir())))
     argv = python_module(info.module, *info.argv(
         spec.kernel.parameters, input_path, out_dir, checkpoint_dir=checkpoints,
         checkpoint_every=spec.kernel.checkpoint_every, restart=restart))
@@ -227,7 +231,9 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
             f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
             f"{_rank_error(job.stderr.read_text(errors='replace'))}"
         )
-    return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text())}
+    spot = read_interruptions(attempts_file(run_dir, info.name)).as_dict()
+    return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),
+            "spot": spot}
 
 
 # Without reuse_result: the same task with no cache key, so nothing is stored (with_options
@@ -304,7 +310,8 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
     backends = {s.backend or spec.backend for s in spec.step_list()}
     if "slurm" in backends:
         slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
-    with aws_target(spec.aws, spec.region) as aws:
+    with aws_target(spec.aws, spec.region) as aws, \
+            budget_watch(spec, spec_path, aws, logger.warning):
         applied = timed("provision", provision, spec, aws, run_dir)
         outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger)
         sent = timed("publish", publish_manifest, spec, aws, run_id, run_dir)
@@ -349,6 +356,7 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     """
     spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
     spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
+    check_budget(spec, spec_path)  # a deployment's run is refused like the CLI's
     if input_key is not None:  # validated like the spec's own key; nothing else re-read
         kernel = type(spec.kernel).model_validate(
             {**spec.kernel.model_dump(), "input_key": input_key})
@@ -368,7 +376,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         return steps_pipeline(spec, Path(spec_path), run_id, run_dir)
     if spec.backend == "slurm":
         slurm_provider(spec).ping()  # a Slurm that does not answer stops the run before AWS
-    with aws_target(spec.aws, spec.region) as aws:
+    with aws_target(spec.aws, spec.region) as aws, \
+            budget_watch(spec, spec_path, aws, get_run_logger().warning):
         applied = timed("provision", provision, spec, aws, run_dir)
         staged = timed("stage_in", stage_in, spec, aws, run_dir)
         if spec.kernel.input_key is not None:
@@ -424,4 +433,6 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     }
     if main == "field.npy":
         summary["field_sha256"] = main_entry["sha256"]
+    if "spot" in record:  # requeues after node loss and the time their attempts ran
+        summary["spot"] = record["spot"]
     return summary

@@ -17,6 +17,7 @@ from flows.kernel_defaults import HeatDefaults, KmerDefaults, VarDefaults
 from flows.resource_checks import LocalOptions, check_resources, check_scratch_dir
 from flows.steps.graph import GraphError, Plan, build_plan
 from flows.steps.model import StepSpec
+from flows.watchdog import Budget
 from infra.aws.naming import check_bucket_name, region_problem
 from infra.backends.settings import BatchSettings, ParallelClusterSettings
 from infra.backends.shell_safety import NoControlChars
@@ -86,6 +87,10 @@ class SlurmOptions(_Strict):
     conf: Path | None = Field(None, description="slurm.conf; default $SLURM_CONF, the local "
                               "cluster of `make slurm`, else Slurm's own default")
     sbatch_args: list[str] = Field(default_factory=list)
+    requeue: bool = Field(False, description="sbatch --requeue: a job whose node is lost (a "
+                          "Spot reclaim) runs again and resumes from its newest checkpoint")
+    max_interruptions: int = Field(3, ge=0, le=100, description="requeues before the job "
+                                   "fails instead of resuming (bounds Spot spend)")
 
     @field_validator("time_limit")
     @classmethod
@@ -167,6 +172,8 @@ class PipelineSpec(_Strict):
     steps: list[StepSpec] | None = Field(
         None, min_length=1, description="a graph of steps (bundled kernels and your own "
         "commands) instead of the single kernel; see the README's 'Steps and sweeps'")
+    budget: Budget | None = Field(None, description="refuse a run estimated above max_usd; "
+                                  "stop one whose spend passes it (see `clusterflow plan`)")
 
     @field_validator("region")
     @classmethod

@@ -144,7 +144,10 @@ def _kernel_argv(run: StepRun, step: StepSpec, point: Point, inputs: dict[str, P
     else:
         source = _generated_input(run, info, params, work)
     checkpoints = work / "checkpoints" if step.checkpoint_every else None
-    restart = checkpoints is not None and checkpoints.is_dir() and any(checkpoints.iterdir())
+    # With slurm.requeue a reclaimed job's script runs again: it must resume on its own.
+    requeued = run.spec.slurm.requeue and run.backend_of(step) == "slurm"
+    restart = checkpoints is not None and (requeued or (checkpoints.is_dir()
+                                                        and any(checkpoints.iterdir())))
     return python_module(info.module, *info.argv(
         params, source, out, checkpoint_dir=checkpoints,
         checkpoint_every=step.checkpoint_every, restart=restart))

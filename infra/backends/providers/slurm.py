@@ -27,6 +27,7 @@ from pathlib import Path
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import ProviderUnavailable
+from infra.backends.providers.spot import attempts_file, requeue_guard
 from infra.backends.shell_safety import export_line, reject_control_chars, render_command
 
 LAUNCHERS = ("srun", "mpiexec")
@@ -133,7 +134,8 @@ class SlurmProvider(ExecutionProvider):
                  launcher: str = "srun", slurm_conf: Path | str | None = None,
                  overcommit: bool = False, sbatch_args: Sequence[str] = (),
                  cancel_timeout: float = 60.0,
-                 command_timeout: float = 60.0) -> None:
+                 command_timeout: float = 60.0, requeue: bool = False,
+                 max_interruptions: int = 3) -> None:
         if launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
         if time_limit is not None and not valid_time_limit(str(time_limit)):
@@ -150,6 +152,8 @@ class SlurmProvider(ExecutionProvider):
         self.slurm_conf = Path(slurm_conf) if slurm_conf else default_slurm_conf()
         self.overcommit = overcommit
         self.sbatch_args = tuple(sbatch_args)
+        # Spot: requeued when the node is reclaimed, resumed, bounded (providers.spot).
+        self.requeue, self.max_interruptions = requeue, max_interruptions
         self.cancel_timeout = cancel_timeout
         self.command_timeout = command_timeout
         # One `scontrol show job ARRAY` answers for every element of an array: pollers of
@@ -210,7 +214,7 @@ class SlurmProvider(ExecutionProvider):
         return SrunLauncher()
 
     def sbatch_command(self, *, ranks: int, job_name: str, workdir: Path, stdout: Path,
-                       stderr: Path, script: Path) -> list[str]:
+                       stderr: Path, script: Path, requeue: bool = False) -> list[str]:
         # '%' starts a filename pattern (%j = job id) for sbatch; '%%' is a literal one.
         cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--ntasks={ranks}",
                f"--output={str(stdout).replace('%', '%%')}",
@@ -221,6 +225,8 @@ class SlurmProvider(ExecutionProvider):
             cmd.append(f"--time={self.time_limit}")
         if self.overcommit:
             cmd.append("--overcommit")
+        if requeue:  # only single jobs: their script carries the max_interruptions guard
+            cmd += ["--requeue", "--open-mode=append"]
         return [*cmd, *self.sbatch_args, str(script)]
 
     def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
@@ -230,13 +236,16 @@ class SlurmProvider(ExecutionProvider):
         out, err = workdir / f"{job_name}.out", workdir / f"{job_name}.err"
         script = workdir / f"{job_name}.sbatch"
         sbatch = self.sbatch_command(ranks=ranks, job_name=job_name, workdir=workdir,
-                                     stdout=out, stderr=err, script=script)
+                                     stdout=out, stderr=err, script=script,
+                                     requeue=self.requeue)
         lines = ["#!/bin/bash",
                  "# Written by clusterflow's slurm provider. Submitted as:",
                  f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
             lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
         lines += [export_line(k, v) for k, v in (env or {}).items()]
+        if self.requeue:
+            lines += requeue_guard(attempts_file(workdir, job_name), self.max_interruptions)
         # exec: the batch step's exit status is the launcher's, so Slurm reports the ranks'.
         lines.append(f"exec {render_command(command)}")
         script.write_text("\n".join(lines) + "\n")
@@ -244,6 +253,7 @@ class SlurmProvider(ExecutionProvider):
         # Readers (the pipeline's log forwarding) can open them before the job starts.
         out.write_bytes(b"")
         err.write_bytes(b"")
+        attempts_file(workdir, job_name).unlink(missing_ok=True)
         self.ping()
         proc = self._slurm(*sbatch)
         if proc.returncode != 0:
