@@ -84,6 +84,37 @@ class Counter:
                 self.done.set()
 
 
+class RequestCounter:
+    """Counts the SQS requests a boto3 client sent, by operation (botocore's own events).
+
+    An empty ReceiveMessage (a long poll that found nothing: the consumers' idle polls, one
+    per queue at the end of each round) is counted apart from the requests that moved
+    messages.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.by_operation: dict[str, int] = {}
+        self.empty_receives = 0
+        self._lock = threading.Lock()
+        client.meta.events.register("after-call.sqs", self._count)
+
+    def _count(self, event_name: str = "", parsed: Any = None, **_: Any) -> None:
+        op = event_name.rsplit(".", 1)[-1]
+        with self._lock:
+            if op == "ReceiveMessage" and not (parsed or {}).get("Messages"):
+                self.empty_receives += 1
+            else:
+                self.by_operation[op] = self.by_operation.get(op, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_operation.values())
+
+    def close(self) -> None:
+        self.client.meta.events.unregister("after-call.sqs", self._count)
+
+
 def _publish(aws: AwsTarget, topic: str, messages: int) -> None:
     sns = aws.client("sns")
     for i in range(0, messages, 10):
@@ -106,6 +137,7 @@ def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 
 
     sources = [SqsEventSource(aws, ref.url, handler, name=name, batch_size=batch_size)
                for name, ref in applied.queues.items()]
+    requests = RequestCounter(aws.client("sqs"))
     elapsed = produced = 0.0
     chunks = [messages] if not rounds_of else [
         min(rounds_of, messages - i) for i in range(0, messages, rounds_of)]
@@ -130,6 +162,7 @@ def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 
         stop.set()
         for t in threads:
             t.join()
+    requests.close()
     return {"batch_size": batch_size, "messages": messages, "deliveries": 2 * messages,
             "seconds": round(elapsed, 3),
             "publish_seconds": None if rounds_of else round(produced, 3),
@@ -139,7 +172,12 @@ def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 
             # receive + delete calls that carried messages, per delivered message: what a
             # batch saves on AWS, whatever this endpoint's speed
             "sqs_calls_per_delivery": round(2 * sum(s.stats.batches for s in sources)
-                                            / (2 * messages), 3)}
+                                            / (2 * messages), 3),
+            # every SQS request the consumers sent that moved messages (receives with
+            # messages, deletes, visibility changes), per published message (2 deliveries)
+            "sqs_requests": dict(sorted(requests.by_operation.items())),
+            "sqs_requests_per_message": round(requests.total / messages, 3),
+            "empty_receives": requests.empty_receives}
 
 
 def latency(aws: AwsTarget, samples: int) -> dict[str, Any]:
@@ -232,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = throughput_out[kind]
         print(f"{label:<19} batched {t['batched']['deliveries_per_s']:>8.1f} deliveries/s   "
               f"one-at-a-time {t['one_at_a_time']['deliveries_per_s']:>8.1f} deliveries/s   "
-              f"ratio {t['batched_over_one_at_a_time']}x")
+              f"ratio {t['batched_over_one_at_a_time']}x   SQS requests/message "
+              f"{t['batched']['sqs_requests_per_message']} vs "
+              f"{t['one_at_a_time']['sqs_requests_per_message']}")
     print(f"latency     S3 put -> consumer  p50 {lat['all']['p50_ms']} ms   "
           f"p99 {lat['all']['p99_ms']} ms   ({lat['samples']} puts x 2 queues)")
     print(f"wrote {args.out}")

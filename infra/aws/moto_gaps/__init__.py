@@ -10,7 +10,8 @@ from __future__ import annotations
 
 def apply() -> None:
     """Install every gap fill; idempotent."""
-    from infra.aws.moto_gaps import fanout, placement_groups
+    from infra.aws.moto_gaps import fanout, placement_groups, sqs_receive
 
     fanout.apply()
     placement_groups.apply()  # the Batch backend's cluster placement groups
+    sqs_receive.apply()  # ReceiveMessage no longer scans the queue once per message
