@@ -4,9 +4,7 @@
 batch; a record whose call raises is reported in ``batchItemFailures`` and only it is retried.
 With ``idempotent=True`` each record is claimed in the dedup store first
 (:mod:`event_bridge.idempotency`), so a duplicate delivery is acknowledged without running
-``process`` again; the claims of the records that succeeded are completed together in one
-BatchWriteItem at the end of the batch (one write per batch instead of one per record). On a
-FIFO queue, once a record of a message group fails, the group's later
+``process`` again. On a FIFO queue, once a record of a message group fails, the group's later
 records in the batch are not run and are reported failed too: processing them would break
 the group's order (Lambda's rule for FIFO sources).
 
@@ -22,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from event_bridge.idempotency import AlreadyProcessed, DedupStore
+from event_bridge.idempotency import DedupStore
 from event_bridge.lambda_shapes import Handler, aws_for, dedup_table_for
 from event_bridge.s3_events import NotAnS3Event, parse_s3_events, unwrap_sns
 
@@ -62,22 +60,6 @@ def _group(record: dict[str, Any]) -> str | None:
     return record.get("attributes", {}).get("MessageGroupId")
 
 
-def _run_claimed(store: DedupStore, claim: str, lease_s: float, work: Callable[[], Any]) -> bool:
-    """Claim, then work; False if the event was processed before. The claim is released if
-    the work fails and is left held (completed by the caller) if it succeeds."""
-    try:
-        store.claim(claim, lease_s)
-    except AlreadyProcessed:
-        log.info("skipping %s: already processed", claim)
-        return False
-    try:
-        work()
-    except BaseException:
-        store.release(claim)
-        raise
-    return True
-
-
 def sqs_batch_handler(process: RecordFn, *, idempotent: bool = True,
                       key: Callable[[dict[str, Any]], str] = idempotency_key) -> Handler:
     @functools.wraps(process)
@@ -88,7 +70,6 @@ def sqs_batch_handler(process: RecordFn, *, idempotent: bool = True,
         scope = getattr(context, "function_name", None) or process.__name__
         failed: list[str] = []
         broken_groups: set[str] = set()
-        done: dict[str, str] = {}  # claim key -> message id, completed together at the end
         for record in event.get("Records", []):
             group = _group(record)
             if group is not None and group in broken_groups:
@@ -99,11 +80,8 @@ def sqs_batch_handler(process: RecordFn, *, idempotent: bool = True,
                     process(record, context)
                 else:
                     lease_s = max(1.0, context.get_remaining_time_in_millis() / 1000)
-                    claim = f"{scope}#{key(record)}"
-                    if claim in done:  # the same event twice in one batch: once is enough
-                        continue
-                    if _run_claimed(store, claim, lease_s, lambda r=record: process(r, context)):
-                        done[claim] = record["messageId"]
+                    store.once(f"{scope}#{key(record)}", lease_s,
+                               lambda r=record: process(r, context))
             except Exception as e:  # noqa: BLE001 - any handler error fails only this record
                 log.warning("%s: message %s failed (receive %s): %s: %s", scope,
                             record["messageId"],
@@ -112,10 +90,6 @@ def sqs_batch_handler(process: RecordFn, *, idempotent: bool = True,
                 failed.append(record["messageId"])
                 if group is not None:
                     broken_groups.add(group)
-        if store is not None and done:
-            # One write for the batch's completions instead of one per record; a record whose
-            # completion failed is retried, as when a single completion raised.
-            failed += [done[k] for k in store.complete_many(list(done))]
         return {"batchItemFailures": [{"itemIdentifier": i} for i in failed]}
 
     return handler

@@ -118,51 +118,6 @@ class DedupStore:
                                        ":exp": {"N": str(int(time.time() + self.retention_s))}},
         )
 
-    def complete_many(self, keys: list[str], attempts: int = 3) -> list[str]:
-        """Complete several claims in BatchWriteItem requests (25 a request); the keys that
-        could not be completed.
-
-        A completion is an unconditional write of the whole item (the claim is ours), so a
-        put of the ``COMPLETED`` item is the same as ``complete``'s update: a batch of 10
-        records costs one write request instead of 10. Items DynamoDB leaves unprocessed are
-        retried, then completed one by one; a key that still fails is returned, so its
-        record is reported failed exactly as when ``complete`` raised.
-        """
-        with _held_lock:
-            for key in keys:
-                _held.discard((self, key))
-        now = time.time()
-        items = {key: {"pk": {"S": key}, "status": {"S": COMPLETED},
-                       "completed_at": {"N": f"{now:.3f}"},
-                       "expires_at": {"N": str(int(now + self.retention_s))}}
-                 for key in keys}
-        pending = list(items)
-        for attempt in range(attempts):
-            left: list[str] = []
-            for i in range(0, len(pending), 25):
-                chunk = pending[i:i + 25]
-                try:
-                    resp = self._ddb.batch_write_item(RequestItems={self.table: [
-                        {"PutRequest": {"Item": items[k]}} for k in chunk]})
-                except ClientError as e:
-                    log.warning("batched completion of %d claim(s) failed: %s", len(chunk), e)
-                    left += chunk
-                    continue
-                left += [r["PutRequest"]["Item"]["pk"]["S"]
-                         for r in resp.get("UnprocessedItems", {}).get(self.table, [])]
-            pending = left
-            if not pending:
-                return []
-            time.sleep(0.05 * 2 ** attempt)
-        failed = []
-        for key in pending:
-            try:
-                self.complete(key)
-            except ClientError as e:
-                log.warning("could not complete the claim on %s: %s", key, e)
-                failed.append(key)
-        return failed
-
     def release(self, key: str) -> None:
         with _held_lock:
             _held.discard((self, key))

@@ -16,20 +16,20 @@ from tests.events_support import tag
 
 
 class _Requests:
-    """A client's requests by operation, with their entry counts (botocore's own events)."""
+    """SQS requests by operation, with their entry counts, from botocore's own events."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.calls: list[tuple[str, int]] = []
         self._lock = threading.Lock()
-        client.meta.events.register("provide-client-params", self._record)
+        client.meta.events.register("provide-client-params.sqs", self._record)
 
     def _record(self, params: dict[str, Any], model: Any = None, **_: Any) -> None:
         with self._lock:
             self.calls.append((model.name, len(params.get("Entries", []))))
 
     def close(self) -> None:
-        self.client.meta.events.unregister("provide-client-params", self._record)
+        self.client.meta.events.unregister("provide-client-params.sqs", self._record)
 
 
 def test_a_batch_is_deleted_in_one_request_and_its_failed_record_comes_back(aws):
@@ -66,44 +66,3 @@ def test_a_batch_is_deleted_in_one_request_and_its_failed_record_comes_back(aws)
     assert source.poll_once(wait_time_s=1) == 1
     assert seen[-1] == ["m3"]
     assert source.stats.processed == 10
-
-
-def test_an_idempotent_batch_completes_its_claims_in_one_write_and_retries_a_failure(aws):
-    from event_bridge.batch import sqs_batch_handler
-    from event_bridge.idempotency import COMPLETED, DedupStore
-    from event_bridge.lambda_shapes import new_context
-    from tests.events_support import event_body
-
-    t = tag()
-    table = f"dedup-{t}"
-    store = DedupStore(aws, table)  # creates the table
-    ran: list[str] = []
-
-    def process(record, context):
-        ran.append(record["messageId"])
-        if record["messageId"] == "m3":
-            raise RuntimeError("m3 fails")
-
-    handler = sqs_batch_handler(process)
-    records = [{"messageId": f"m{i}", "body": event_body(f"e{i % 8}"), "attributes": {}}
-               for i in range(10)]  # m8 and m9 repeat the events of m0 and m1
-    ddb = aws.client("dynamodb")
-    requests = _Requests(ddb)
-    try:
-        context = new_context(f"fn-{t}", aws.region, 30.0, aws, table)
-        response = handler({"Records": records}, context)
-        ops = [op for op, _ in requests.calls]
-    finally:
-        requests.close()
-    assert response == {"batchItemFailures": [{"itemIdentifier": "m3"}]}
-    assert sorted(ran) == sorted(f"m{i}" for i in range(8))  # the repeats did not run again
-    # 8 claims, one write that completes the 7 that succeeded, one release of the failure.
-    assert ops.count("PutItem") == 8 and ops.count("BatchWriteItem") == 1
-    assert "UpdateItem" not in ops and ops.count("DeleteItem") == 1
-    assert all(store.status(f"fn-{t}#event:e{i}") == COMPLETED for i in range(8) if i != 3)
-    assert store.status(f"fn-{t}#event:e3") is None  # released: the retry may claim it
-
-    ran.clear()  # the redelivered batch: only the failed event runs again
-    again = handler({"Records": records}, new_context(f"fn-{t}", aws.region, 30.0, aws,
-                                                         table))
-    assert ran == ["m3"] and again == {"batchItemFailures": [{"itemIdentifier": "m3"}]}
