@@ -10,8 +10,8 @@ One moto server (``infra.aws.embedded``, with clusterflow's extensions), one run
   with ``--round`` messages, then only draining them is timed).
   Reported: deliveries/s (2 per message) until both queues are drained, the ratios, and
   the SQS requests per message (empty receives apart). A third pair runs the consumers-only
-  rounds with the idempotent handler (``sqs_batch_handler``: a DynamoDB claim per record,
-  the batch's completions in one BatchWriteItem) and reports DynamoDB requests per delivery;
+  rounds with the idempotent handler (``sqs_batch_handler``: a conditional DynamoDB claim
+  and a completion per record) and reports DynamoDB requests per delivery;
 * latency: M objects put to S3, one at a time; each "Object Created" event goes S3 ->
   EventBridge rule -> SNS -> both queues -> consumers (long polling). Reported: p50/p99/max of
   put start -> handler call, per queue.
