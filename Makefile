@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # This machine's pip.conf names local wheel indexes that may not exist; its warnings are noise.
 PIPQUIET := { grep -v '^WARNING: Location' || true; }
 
-.PHONY: venv run test lint slurm bench bench-kernels bench-staging bench-events bench-scheduling clean
+.PHONY: venv run test lint slurm bench bench-kernels bench-staging bench-events bench-scheduling bench-orchestration clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ test: venv lint slurm
 	$(BIN)/python -m pytest -q
 
 # Benchmarks print ratios measured side by side in one run; results go to bench/results/.
-bench: bench-kernels bench-staging bench-events bench-scheduling
+bench: bench-kernels bench-staging bench-events bench-scheduling bench-orchestration
 
 bench-kernels: venv
 	$(BIN)/python bench/kernels_heat.py
@@ -50,6 +50,9 @@ bench-events: venv
 
 bench-scheduling: venv slurm
 	$(BIN)/python bench/scheduling_overhead.py --jobs 20
+
+bench-orchestration: venv slurm
+	$(BIN)/python bench/steps_overhead.py
 
 clean:
 	rm -rf .clusterflow

@@ -8,7 +8,10 @@ One moto server (``infra.aws.embedded``, with clusterflow's extensions), one run
   Twice: end to end (producer and consumers together, as in production; on moto the
   producer tends to be the bottleneck) and consumers only (each round fills the queues
   with ``--round`` messages, then only draining them is timed).
-  Reported: deliveries/s (2 per message) until both queues are drained, and the ratios;
+  Reported: deliveries/s (2 per message) until both queues are drained, the ratios, and
+  the SQS requests per message (empty receives apart). A third pair runs the consumers-only
+  rounds with the idempotent handler (``sqs_batch_handler``: a conditional DynamoDB claim
+  and a completion per record) and reports DynamoDB requests per delivery;
 * latency: M objects put to S3, one at a time; each "Object Created" event goes S3 ->
   EventBridge rule -> SNS -> both queues -> consumers (long polling). Reported: p50/p99/max of
   put start -> handler call, per queue.
@@ -40,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from event_bridge.apply import apply_fabric  # noqa: E402
+from event_bridge.batch import sqs_batch_handler  # noqa: E402
 from event_bridge.fabric import (  # noqa: E402
     BucketSpec,
     Fabric,
@@ -49,6 +53,7 @@ from event_bridge.fabric import (  # noqa: E402
     TargetSpec,
     TopicSpec,
 )
+from event_bridge.idempotency import DedupStore  # noqa: E402
 from event_bridge.runtime import SqsEventSource  # noqa: E402
 from event_bridge.s3_events import parse_s3_events  # noqa: E402
 from infra.aws.clients import AwsTarget  # noqa: E402
@@ -84,6 +89,38 @@ class Counter:
                 self.done.set()
 
 
+class RequestCounter:
+    """Counts the requests a boto3 client sent, by operation (botocore's own events).
+
+    An empty ReceiveMessage (a long poll that found nothing: the consumers' idle polls, one
+    per queue at the end of each round) is counted apart from the requests that moved
+    messages.
+    """
+
+    def __init__(self, client: Any, service: str = "sqs") -> None:
+        self.client = client
+        self.event = f"after-call.{service}"
+        self.by_operation: dict[str, int] = {}
+        self.empty_receives = 0
+        self._lock = threading.Lock()
+        client.meta.events.register(self.event, self._count)
+
+    def _count(self, event_name: str = "", parsed: Any = None, **_: Any) -> None:
+        op = event_name.rsplit(".", 1)[-1]
+        with self._lock:
+            if op == "ReceiveMessage" and not (parsed or {}).get("Messages"):
+                self.empty_receives += 1
+            else:
+                self.by_operation[op] = self.by_operation.get(op, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_operation.values())
+
+    def close(self) -> None:
+        self.client.meta.events.unregister(self.event, self._count)
+
+
 def _publish(aws: AwsTarget, topic: str, messages: int) -> None:
     sns = aws.client("sns")
     for i in range(0, messages, 10):
@@ -93,19 +130,38 @@ def _publish(aws: AwsTarget, topic: str, messages: int) -> None:
 
 
 def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 0,
-               ) -> dict[str, Any]:
+               idempotent: bool = False) -> dict[str, Any]:
     """End to end (``rounds_of`` 0: producer and consumers together), or consumers only:
-    queues filled with ``rounds_of`` messages, then drained against the clock, repeated."""
+    queues filled with ``rounds_of`` messages, then drained against the clock, repeated.
+
+    ``idempotent``: the handler is ``sqs_batch_handler`` with its DynamoDB dedup store (each
+    record claimed, the batch's completions written together), as the fabric's consumers run.
+    """
     tag = uuid.uuid4().hex[:8]
     applied = apply_fabric(aws, _fabric(tag))
     topic = applied.topics[f"t-{tag}"]
     counter = Counter(2 * messages)
+    table = None
 
-    def handler(event: dict[str, Any], context: Any) -> None:
+    def count(event: dict[str, Any], context: Any) -> None:
         counter.add(len(event["Records"]))
 
-    sources = [SqsEventSource(aws, ref.url, handler, name=name, batch_size=batch_size)
+    handler: Any = count
+    if idempotent:
+        table = f"fanout-dedup-{tag}"
+        DedupStore(aws, table)  # created before the clock runs
+        inner = sqs_batch_handler(lambda record, context: None)
+
+        def handler(event: dict[str, Any], context: Any) -> Any:
+            out = inner(event, context)
+            count(event, context)
+            return out
+
+    sources = [SqsEventSource(aws, ref.url, handler, name=name, batch_size=batch_size,
+                              dedup_table=table)
                for name, ref in applied.queues.items()]
+    requests = RequestCounter(aws.client("sqs"))
+    ddb = RequestCounter(aws.client("dynamodb"), "dynamodb")
     elapsed = produced = 0.0
     chunks = [messages] if not rounds_of else [
         min(rounds_of, messages - i) for i in range(0, messages, rounds_of)]
@@ -130,6 +186,8 @@ def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 
         stop.set()
         for t in threads:
             t.join()
+    requests.close()
+    ddb.close()
     return {"batch_size": batch_size, "messages": messages, "deliveries": 2 * messages,
             "seconds": round(elapsed, 3),
             "publish_seconds": None if rounds_of else round(produced, 3),
@@ -139,7 +197,14 @@ def throughput(aws: AwsTarget, messages: int, batch_size: int, rounds_of: int = 
             # receive + delete calls that carried messages, per delivered message: what a
             # batch saves on AWS, whatever this endpoint's speed
             "sqs_calls_per_delivery": round(2 * sum(s.stats.batches for s in sources)
-                                            / (2 * messages), 3)}
+                                            / (2 * messages), 3),
+            # every SQS request the consumers sent that moved messages (receives with
+            # messages, deletes, visibility changes), per published message (2 deliveries)
+            "sqs_requests": dict(sorted(requests.by_operation.items())),
+            "sqs_requests_per_message": round(requests.total / messages, 3),
+            "empty_receives": requests.empty_receives,
+            "dynamodb_requests": dict(sorted(ddb.by_operation.items())),
+            "dynamodb_requests_per_delivery": round(ddb.total / (2 * messages), 3)}
 
 
 def latency(aws: AwsTarget, samples: int) -> dict[str, Any]:
@@ -207,14 +272,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server = MotoServer(Path(tmp) / "moto.log").start()
         try:
             aws = AwsTarget(region="us-east-1", endpoint_url=server.url, embedded=True)
+            kinds = ("end_to_end", "consumers", "idempotent_consumers")
             modes = {(kind, size): throughput(aws, args.messages, size,
-                                              args.round if kind == "consumers" else 0)
-                     for kind in ("end_to_end", "consumers") for size in (10, 1)}
+                                              0 if kind == "end_to_end" else args.round,
+                                              idempotent=kind == "idempotent_consumers")
+                     for kind in kinds for size in (10, 1)}
             lat = latency(aws, args.latency_samples)
         finally:
             server.stop()
     throughput_out: dict[str, Any] = {}
-    for kind in ("end_to_end", "consumers"):
+    for kind in kinds:
         batched, single = modes[(kind, 10)], modes[(kind, 1)]
         throughput_out[kind] = {
             "batched": batched, "one_at_a_time": single,
@@ -228,11 +295,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for kind, label in (("end_to_end", "producer+consumers"), ("consumers", "consumers only")):
+    for kind, label in (("end_to_end", "producer+consumers"), ("consumers", "consumers only"),
+                        ("idempotent_consumers", "idempotent only")):
         t = throughput_out[kind]
         print(f"{label:<19} batched {t['batched']['deliveries_per_s']:>8.1f} deliveries/s   "
               f"one-at-a-time {t['one_at_a_time']['deliveries_per_s']:>8.1f} deliveries/s   "
-              f"ratio {t['batched_over_one_at_a_time']}x")
+              f"ratio {t['batched_over_one_at_a_time']}x   SQS requests/message "
+              f"{t['batched']['sqs_requests_per_message']} vs "
+              f"{t['one_at_a_time']['sqs_requests_per_message']}")
+    idem = throughput_out["idempotent_consumers"]
+    print(f"idempotent consumers: DynamoDB requests/delivery batched "
+          f"{idem['batched']['dynamodb_requests_per_delivery']} "
+          f"({idem['batched']['dynamodb_requests']}), one at a time "
+          f"{idem['one_at_a_time']['dynamodb_requests_per_delivery']}")
     print(f"latency     S3 put -> consumer  p50 {lat['all']['p50_ms']} ms   "
           f"p99 {lat['all']['p99_ms']} ms   ({lat['samples']} puts x 2 queues)")
     print(f"wrote {args.out}")

@@ -2,7 +2,11 @@
 
 (a) one ~30 s MPI job: ``clusterflow run`` of a one-step spec on a warm local stack
     (``clusterflow local up``: Prefect server and moto already running) against a bare
-    ``mpiexec`` of the same command. Goal: ratio <= 1.05.
+    ``mpiexec`` of the same command. Goal: ratio <= 1.05. Then where the fixed seconds go:
+    interpreter and import costs (fresh interpreters, interleaved; the CLI as it starts now
+    and with every area's CLI imported, as it used to), the spec load, each stage of the
+    run's own ``--json`` timings, the provision stage's full topology apply against its
+    fingerprint check, and the rest (Prefect's flow-run creation and bookkeeping).
 (b) a sweep of N one-second jobs on the local Slurm: ``clusterflow run`` (one job array,
     each point its own Prefect task run, outputs published with sha256) against a bare
     ``sbatch --array=0-(N-1)%M`` of the same command plus waiting for it. Goal: <= 1.3;
@@ -12,6 +16,7 @@ Runs are interleaved (bare, clusterflow, bare, ...) so a noisy machine hurts bot
 
     python bench/steps_overhead.py                    # needs `make slurm`
     python bench/steps_overhead.py --points 8 --job-seconds 5 --repeat 1   # smoke
+    python bench/steps_overhead.py --no-sweep        # (a) and its phases only, no Slurm
 """
 
 from __future__ import annotations
@@ -50,13 +55,86 @@ def _spec(path: Path, steps: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path, out: list[str] | None = None,
+           ) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed:\n{proc.stderr[-2000:]}")
+    if out is not None:
+        out.append(proc.stdout)
     return took
+
+
+# What a `clusterflow run` pays before its flow starts, each measured in a fresh interpreter
+# (the same cost a user's shell pays): the interpreter, the CLI as it now starts (other areas'
+# commands imported on first use), the CLI as it used to start (every area's CLI imported),
+# and everything the run command imports (Prefect, the pipeline), and the spec load.
+_EAGER = "from flows.cli_commands import LAZY, load; [load(n) for n in LAZY]"
+START_PROBES = {
+    "python": "pass",
+    "cli": "import flows.cli",
+    "cli_all_commands": "import flows.cli; " + _EAGER,
+    "run_imports": "import flows.cli, flows.prefect_runtime, prefect.settings, "
+                   "flows.pipeline, flows.steps.flow",
+}
+
+
+def start_costs(repeat: int, spec: Path, env: dict[str, str]) -> dict[str, float]:
+    """Median seconds of each start-up probe, interleaved so noise hits all alike."""
+    probes = {**START_PROBES, "spec_load": "import flows.spec, time, sys; t = time.perf_counter()"
+              f"; flows.spec.load_spec({str(spec)!r}); "
+              "sys.stdout.write(str(time.perf_counter() - t))"}
+    times: dict[str, list[float]] = {k: [] for k in probes}
+    for _ in range(repeat):
+        for name, code in probes.items():
+            out: list[str] = []
+            took = _timed([sys.executable, "-c", code], env, REPO, out)
+            times[name].append(float(out[0]) if name == "spec_load" else took)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
+def provision_costs(repeat: int, spec: Path, home: Path) -> dict[str, Any]:
+    """The provision stage's topology work on the stack's endpoint, side by side: the full
+    idempotent apply every run used to make, against the fingerprint check it makes now."""
+    import json as _json
+
+    from event_bridge.topology import apply_topology
+    from event_bridge.topology_cache import still_standing
+    from flows.pipeline import ensure_bucket, fanout_topology
+    from flows.spec import load_spec
+    from infra.aws.clients import AwsTarget
+
+    loaded = load_spec(spec)
+    url = _json.loads((home / "moto.json").read_text())["url"]
+    aws = AwsTarget(region=loaded.region, endpoint_url=url, embedded=True)
+    topo = fanout_topology(loaded)
+    ensure_bucket(aws, topo.results_bucket)
+    applied = apply_topology(aws, topo)  # warm: both sides find it in place
+    apply_s, check_s = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        apply_topology(aws, topo)
+        apply_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        if not still_standing(aws, topo, applied):
+            raise RuntimeError("the topology just applied does not pass its own check")
+        check_s.append(time.perf_counter() - t0)
+    return {"apply_s": round(statistics.median(apply_s), 3),
+            "check_s": round(statistics.median(check_s), 3), "repeat": repeat}
+
+
+def phases(start: dict[str, float], wall_s: float, stages: dict[str, float]) -> dict[str, float]:
+    """Where one run's fixed seconds go; what is left after the measured parts is Prefect's
+    flow-run creation, task-run bookkeeping and the interpreter's exit."""
+    table = {"python start": start["python"],
+             "CLI imports": round(start["cli"] - start["python"], 3),
+             "run imports (Prefect, pipeline)": round(start["run_imports"] - start["cli"], 3),
+             "spec load": start["spec_load"]}
+    table.update({f"stage: {k}": v for k, v in stages.items()})
+    table["flow-run creation and the rest"] = round(wall_s - sum(table.values()), 3)
+    return table
 
 
 def single_job(samples: int, repeat: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -68,13 +146,23 @@ def single_job(samples: int, repeat: int, work: Path, env: dict[str, str]) -> di
         "name": "pi", "command": ["python", str(PI), "--samples", str(samples), "--out",
                                   "{out}/estimate.json"]}])
     run_cmd = [str(BIN / "clusterflow"), "run", "--spec", str(spec), "--json"]
-    bare, flow = [], []
+    bare, flow, outs = [], [], []
     for _ in range(repeat):
         bare.append(_timed(bare_cmd, env, work))
-        flow.append(_timed(run_cmd, env, work))
+        flow.append(_timed(run_cmd, env, work, outs))
     b, f = statistics.median(bare), statistics.median(flow)
+    runs = [json.loads(o.strip().splitlines()[-1])["seconds"] for o in outs]
+    start = start_costs(max(3, repeat), spec, env)
+    topology = provision_costs(max(5, repeat), spec, Path(env["CLUSTERFLOW_HOME"]))
+    # The median run's own stage times; the job itself is the bare run's share of "steps".
+    mid = flow.index(sorted(flow)[len(flow) // 2])
+    stages = dict(runs[mid])
+    if "steps" in stages:
+        stages["steps (orchestration around the job)"] = round(stages.pop("steps") - b, 3)
     return {"bare_s": bare, "clusterflow_s": flow, "ratio": round(f / b, 3),
-            "fixed_overhead_s": round(f - b, 2)}
+            "fixed_overhead_s": round(f - b, 2),
+            "stage_seconds": runs, "start_s": start, "provision_topology": topology,
+            "phases_s": phases(start, flow[mid] - b, stages)}
 
 
 def sweep(points: int, job_seconds: float, max_parallel: int, repeat: int, work: Path,
@@ -108,6 +196,8 @@ def main() -> None:
     ap.add_argument("--job-seconds", type=float, default=1.0)
     ap.add_argument("--max-parallel", type=int, default=2, help="the local Slurm has 2 CPUs")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="only the single job and its phases (no Slurm needed)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "steps.json")
     args = ap.parse_args()
     env = {**os.environ, **slurm_env(default_state_dir())}
@@ -124,10 +214,13 @@ def main() -> None:
         if not api:
             raise SystemExit("the local stack's Prefect server does not answer")
         env["PREFECT_API_URL"] = api
+        # The runs happen in a scratch dir: point them at the stack's state, or each would
+        # start a private moto server (and find a cold endpoint) instead of the warm one.
+        env["CLUSTERFLOW_HOME"] = str(REPO / ".clusterflow")
         try:
             one = single_job(args.samples, args.repeat, work, env)
-            many = sweep(args.points, args.job_seconds, args.max_parallel, args.repeat, work,
-                         env)
+            many = None if args.no_sweep else sweep(
+                args.points, args.job_seconds, args.max_parallel, args.repeat, work, env)
         finally:
             subprocess.run([str(BIN / "clusterflow"), "local", "down"], env=env, cwd=REPO,
                            capture_output=True)
@@ -136,13 +229,26 @@ def main() -> None:
                   f"{statistics.median(one['bare_s']):.1f}",
                   f"{statistics.median(one['clusterflow_s']):.1f}", f"{one['ratio']:.3f}",
                   "<= 1.05")
-    table.add_row(f"{args.points}-point sweep of {args.job_seconds:g} s jobs on Slurm "
-                  "(median s)", f"{statistics.median(many['bare_s']):.1f}",
-                  f"{statistics.median(many['clusterflow_s']):.1f}", f"{many['ratio']:.3f}",
-                  "<= 1.3")
+    if many:
+        table.add_row(f"{args.points}-point sweep of {args.job_seconds:g} s jobs on Slurm "
+                      "(median s)", f"{statistics.median(many['bare_s']):.1f}",
+                      f"{statistics.median(many['clusterflow_s']):.1f}",
+                      f"{many['ratio']:.3f}", "<= 1.3")
     console.print(table)
-    console.print(f"fixed overhead per run: {one['fixed_overhead_s']} s; "
-                  f"orchestration per sweep point: {many['overhead_per_point_ms']} ms")
+    console.print(f"fixed overhead per run: {one['fixed_overhead_s']} s"
+                  + (f"; orchestration per sweep point: {many['overhead_per_point_ms']} ms"
+                     if many else ""))
+    fixed = Table("where the fixed seconds of one run go", "seconds", box=None)
+    for phase, secs in one["phases_s"].items():
+        fixed.add_row(phase, f"{secs:.3f}")
+    fixed.add_row("[bold]total (clusterflow - bare)[/]",
+                  f"{sum(one['phases_s'].values()):.3f}")
+    console.print(fixed)
+    console.print(f"CLI start: {one['start_s']['cli']:.3f} s now, "
+                  f"{one['start_s']['cli_all_commands']:.3f} s with every area's CLI imported")
+    topo = one["provision_topology"]
+    console.print(f"provision, fan-out topology: full apply {topo['apply_s']:.3f} s, "
+                  f"fingerprint check {topo['check_s']:.3f} s (median of {topo['repeat']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                     "cpus": os.cpu_count(), "single_job": one,

@@ -13,9 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.budget import check_budget
+from flows.cli_commands import LazyGroup
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Each area owns its commands; the CLI only names them and imports one when it is used
+# (flows.cli_commands), so `clusterflow run` does not import the other areas' CLIs.
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=LazyGroup,
                   help="HPC pipelines on AWS as Prefect flows.")
 err = Console(stderr=True, soft_wrap=True)  # long paths and errors stay greppable
 
@@ -162,33 +165,6 @@ def run(
     if code:
         raise typer.Exit(code)
 
-
-def _mount() -> None:
-    """Each area owns its commands; the CLI only gathers them."""
-    from event_bridge.cli import app as events_app
-    from flows.local_cli import local_app
-    from flows.local_cli import register as register_deploy
-    from flows.planning.command import register as register_plan
-    from infra.clusters.slurm_local.cli import app as slurm_app
-    from infra.clusters.validate_cli import register as register_validate
-    from infra.guard.cli import guard_app
-    from infra.ha.cli import ha_app
-    from infra.staging.cli import register as register_stage
-    from infra.telemetry.cli import telemetry_app
-
-    register_validate(app)  # clusterflow validate FILE...
-    register_stage(app)  # clusterflow stage SRC DST
-    register_deploy(app)  # clusterflow deploy
-    register_plan(app)  # clusterflow plan SPEC
-    app.add_typer(events_app, name="events")  # apply | show | drain | replay | dlq ...
-    app.add_typer(local_app, name="local")  # up | down | status (Prefect server + worker)
-    app.add_typer(slurm_app, name="slurm")  # up | down | status (the local Slurm)
-    app.add_typer(ha_app, name="ha")  # drill ...
-    app.add_typer(guard_app, name="guard")  # block | unblock | list | audit | lockdown | sweep
-    app.add_typer(telemetry_app, name="telemetry")  # show RUN
-
-
-_mount()
 
 if __name__ == "__main__":
     app()

@@ -25,13 +25,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from event_bridge.consumer import consume_until
-from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
+from event_bridge.topology import AppliedTopology, FanOutTopology
+from event_bridge.topology_cache import ensure_topology
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
 from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
-from infra.aws.embedded import aws_target
+from infra.aws.embedded import aws_target, state_dir
 from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
@@ -74,11 +75,13 @@ def fanout_topology(spec: PipelineSpec) -> FanOutTopology:
 def provision(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> AppliedTopology:
     """Buckets, the fan-out topology and the scratch dir; all idempotent."""
     logger = get_run_logger()
-    for bucket in (spec.storage.input_bucket, spec.storage.results_bucket):
+    for bucket in dict.fromkeys((spec.storage.input_bucket, spec.storage.results_bucket)):
         ensure_bucket(aws, bucket)
-    applied = apply_topology(aws, fanout_topology(spec))
+    # An unchanged topology is only checked, not applied again (event_bridge.topology_cache).
+    applied, changed = ensure_topology(aws, fanout_topology(spec), state_dir() / "topology")
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("provisioned on %s: rule %s -> topic %s -> queues %s", aws.label,
+    logger.info("%s on %s: rule %s -> topic %s -> queues %s",
+                "provisioned" if changed else "checked the provisioned topology", aws.label,
                 applied.rule_arn, applied.topic_arn, ", ".join(applied.queue_urls))
     return applied
 

@@ -71,12 +71,25 @@ def _has_configured_credentials(session: boto3.session.Session) -> bool:
     return profile in session.available_profiles
 
 
+_sessions: dict[str, boto3.session.Session] = {}
+
+
+def _session(region: str) -> boto3.session.Session:
+    """One session per region, so its clients share botocore's loaded data (endpoint
+    rules, partitions, retry config): a fresh session per client parsed it all again, 1.5 s
+    of a run's 5 clients on a busy 2-core VM against 0.5 s shared. Only used under ``_lock``:
+    sessions are not thread-safe, clients are."""
+    if region not in _sessions:
+        _sessions[region] = boto3.session.Session(region_name=region)
+    return _sessions[region]
+
+
 def _client(target: AwsTarget, service: str) -> Any:
     # Clients are thread-safe and costly to build (~50 ms each); sessions are not thread-safe.
     key = (target, service)
     with _lock:
         if key not in _clients:
-            session = boto3.session.Session(region_name=target.region)
+            session = _session(target.region)
             kwargs: dict[str, Any] = {}
             if target.endpoint_url:
                 kwargs["endpoint_url"] = target.endpoint_url

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 def apply() -> None:
     """Install every gap fill; idempotent."""
-    from infra.aws.moto_gaps import apigateway_invoke, fanout, kinesis_firehose, placement_groups
+    from infra.aws.moto_gaps import (
+        apigateway_invoke,
+        fanout,
+        kinesis_firehose,
+        placement_groups,
+        sqs_receive,
+    )
 
     fanout.apply()
     placement_groups.apply()  # the Batch backend's cluster placement groups
+    sqs_receive.apply()  # ReceiveMessage no longer scans the queue once per message
     kinesis_firehose.apply()  # run telemetry: Kinesis -> Firehose -> S3
     apigateway_invoke.apply()  # run telemetry: API Gateway stage -> Kinesis

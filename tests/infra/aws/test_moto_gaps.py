@@ -61,3 +61,43 @@ def test_sns_and_sqs_targets_on_one_rule_both_deliver(aws):
     assert json.loads(json.loads(envelope)["Message"]) == {"from": "test.both"}
     (raw,) = _receive(aws, direct)
     assert json.loads(raw)["source"] == "test.both"
+
+
+def test_receive_checks_retention_without_scanning_the_queue_per_message(monkeypatch):
+    """The gap fill reads the retention period directly; expired messages are still dropped.
+
+    In process (moto's own mock), so the moto models can be inspected: a 10-message receive
+    must not compute the queue-wide approximate counts (3 scans of the queue per message in
+    moto 5.2.5), and a message past the queue's retention period is still never returned.
+    """
+    import boto3
+    from moto import mock_aws
+    from moto.sqs.models import Queue, sqs_backends
+
+    from infra.aws.moto_gaps import sqs_receive
+
+    sqs_receive.apply()
+    scans = []
+    original = Queue.approximate_number_of_messages
+    monkeypatch.setattr(Queue, "approximate_number_of_messages", property(
+        lambda self: scans.append(1) or original.fget(self)))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        url = sqs.create_queue(QueueName="retention",
+                               Attributes={"MessageRetentionPeriod": "60"})["QueueUrl"]
+        for first in (0, 10):
+            sqs.send_message_batch(QueueUrl=url, Entries=[
+                {"Id": str(i), "MessageBody": f"m{i}"} for i in range(first, first + 10)])
+        queue = sqs_backends["123456789012"]["us-east-1"].queues["retention"]
+        queue._messages[-1].sent_timestamp -= 61_000  # m19 was sent 61 s ago: past retention
+        scans.clear()  # sending computed them; receiving must not
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        assert scans == []
+        assert sorted(m["Body"] for m in got) == sorted(f"m{i}" for i in range(10))
+        rest = []
+        while batch := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get(
+                "Messages"):
+            rest += [m["Body"] for m in batch]
+        assert "m19" not in rest and "m18" in rest
