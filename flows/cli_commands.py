@@ -2,8 +2,9 @@
 
 Every area owns its commands (``events``, ``local``, ``slurm``, ``ha``, ``guard``,
 ``telemetry``, ``validate``, ``stage``, ``deploy``, ``plan``); mounting them all at start-up
-imported their modules on every invocation, ``clusterflow run`` included, which never uses them (a few tenths of a second
-of each run's fixed overhead: ``python -X importtime -c 'import flows.cli'``). This group
+imported their modules on every invocation, ``clusterflow run`` included, which never uses
+them (a few tenths of a second of each run's fixed overhead:
+``python -X importtime -c 'import flows.cli'``). This group
 knows them by name and imports a command's module the first time click asks for it: to run
 it, to complete it, or to list it in ``--help``.
 """
