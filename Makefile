@@ -39,6 +39,7 @@ bench-kernels: venv
 	$(BIN)/python bench/kernels_heat.py
 	$(BIN)/python bench/kernels_kmer.py
 	$(BIN)/python bench/kernels_kmer_long.py
+	$(BIN)/python bench/kernels_kmer_tools.py
 	$(BIN)/python bench/mpi_pingpong.py
 	$(BIN)/python bench/kernels_plot.py
 

@@ -72,6 +72,10 @@ FAIL_RANK_ENV = "CLUSTERFLOW_KMER_FAIL_RANK"
 MAX_K = 31
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 256 << 20  # keeps every Alltoallv count far below 2**31
+# Phases timed per rank: read a chunk, parse + encode it, agree on errors/end (one allgather
+# a round, which also absorbs load imbalance), partition + Alltoallv, insert into the table,
+# and everything after the last round (compact, histogram, top/dump, gather, write).
+PHASES = ("read", "parse", "agree", "exchange", "count", "output")
 
 
 def _k(text: str) -> int:
@@ -314,12 +318,16 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     codes = np.empty(0, dtype=np.uint64)
     sendbuf = np.empty(0, dtype=np.uint64)
     timer = RankTimer()
+    # Seconds per phase on this rank (the manifest's `phase_seconds`, slowest rank per phase):
+    # what to optimise next is read off these, not guessed.
+    phases = dict.fromkeys(PHASES, 0.0)
     try:
         while True:
             problem = None
             chunk = None
             n = 0
             with timer:
+                t0 = time.perf_counter()
                 try:
                     chunk = read_chunk(source, round_ * size + rank, args.chunk_bytes, fmt,
                                        args.k)
@@ -327,6 +335,8 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
                     problem = f"--input {args.input}: cannot read it ({type(exc).__name__}: {exc})"
                 except InputError as exc:
                     problem = f"--input {args.input}: {exc}"
+                t1 = time.perf_counter()
+                phases["read"] += t1 - t0
                 if chunk is not None:
                     if codes.size < len(chunk.data):
                         codes = np.empty(len(chunk.data), dtype=np.uint64)
@@ -338,14 +348,22 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
                     if err:
                         problem = _describe_error(args.input, chunk, err, at, record_at)
                     stats += (records, bases, n)
+                phases["parse"] += time.perf_counter() - t1
+            t0 = time.perf_counter()
             statuses = comm.allgather((problem, chunk is None))
+            phases["agree"] += time.perf_counter() - t0
             for found, _ in statuses:
                 if found is not None:
                     raise CollectiveError(found)
             if all(done for _, done in statuses):
                 break
             with timer:
-                table.add(_exchange(comm, codes, n, sendbuf))
+                t0 = time.perf_counter()
+                owned = _exchange(comm, codes, n, sendbuf)
+                t1 = time.perf_counter()
+                table.add(owned)
+                phases["exchange"] += t1 - t0
+                phases["count"] += time.perf_counter() - t1
             round_ += 1
             if round_ == 1 and rank == failing:
                 raise RuntimeError(f"injected failure ({FAIL_RANK_ENV})")
@@ -362,6 +380,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     finally:
         source.close()
 
+    t_output = time.perf_counter()
     with timer:
         keys, vals = table.items()
         del table  # the compact copy is all that is needed from here on
@@ -392,9 +411,11 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         atomic_write(counts_path, lambda fh: merge_runs(comm, fh, keys, vals, args.k))
     else:
         send_run(comm, keys, vals)
+    phases["output"] = time.perf_counter() - t_output
     rank_seconds = comm.gather(timer.seconds, root=0)
+    rank_phases = comm.gather(phases, root=0)
     if rank == 0:
-        assert hists is not None and totals is not None
+        assert hists is not None and totals is not None and rank_phases is not None
         merged: dict[int, int] = {}
         for hc, hk in hists:
             for c, m in zip(hc.tolist(), hk.tolist(), strict=True):
@@ -419,6 +440,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             wall_seconds=time.perf_counter() - t_start,
             rank_seconds=rank_seconds,
             kmers_per_second=int(totals[2]) / slowest if slowest else None,
+            phase_seconds={name: max(p[name] for p in rank_phases) for name in PHASES},
             restarted_from_round=restarted_from,
             checkpoints_written=checkpointer.saved if checkpointer else 0,
         )
