@@ -1,6 +1,6 @@
 """The guard's one config file: which subnets' NACLs, which web ACLs, what is never blocked.
 
-Example (``cluster_configs/guard.yaml``)::
+Example (``cluster_configs/guard/guard.yaml``)::
 
     region: us-east-1
     subnets: [subnet-0abc...]            # the head/login subnets: their NACLs get deny entries
