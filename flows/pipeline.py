@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology, apply_topology
+from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
@@ -313,6 +314,7 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
                    "queues": {q: {"events_received": r["received"], "verified": r["verified"],
                                   "failed": len(r["failed"])} for q, r in queues.items()}},
     }
+    summary["artifacts"] = publish_run_artifacts(spec, summary, aws)
     if outcome.failed:
         names = ", ".join(f"{p['step']}[{p['label']}]" if p["label"] else p["step"]
                           for p in outcome.failed)
@@ -412,4 +414,5 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     }
     if main == "field.npy":
         summary["field_sha256"] = main_entry["sha256"]
+    summary["artifacts"] = publish_run_artifacts(spec, summary, aws)
     return summary
