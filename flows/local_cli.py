@@ -53,6 +53,7 @@ def _print_status(report: dict[str, Any]) -> None:
             state = "[yellow]running, not answering[/]"
         table.add_row(name, state, str(c.get("pid", "")), c.get("url", ""))
     out.print(table)
+    out.print(f"database  {report.get('database') or 'sqlite'}")
     out.print(f"work pool {report['work_pool']}")
     out.print(f"spec      {report['spec']}")
     out.print(f"fabric    {report['fabric']}")
