@@ -104,7 +104,7 @@ def summary_markdown(summary: dict[str, Any], manifest_url: str) -> str:
     if "input" in s3:
         lines.append(f"- input: `{s3['input']}`")
     manifest_uri = s3.get("manifest") or s3["results"] + MANIFEST
-    lines += [f"- manifest: [`{manifest_uri}`]({manifest_url})"]
+    lines += [f"- manifest: [{manifest_uri}]({manifest_url})"]
     for obj in s3.get("objects", []):
         lines.append(f"- `{obj}`")
     queues = summary.get("fanout", {}).get("queues", {})

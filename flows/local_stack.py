@@ -63,6 +63,7 @@ STARTUP_TIMEOUT_S = 180.0
 # every second (default 5) so the events API shows what the bridge emitted at once.
 STACK_SERVER_SETTINGS = {
     **LOCAL_SERVER_DEFAULTS,
+    "PREFECT_SERVER_UI_ENABLED": "true",  # people look at the stack's runs in the UI
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",
@@ -358,7 +359,9 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         port = port or _free_port()
         api_url = f"http://127.0.0.1:{port}/api"
         server_env = {**_env(home), **STACK_SERVER_SETTINGS,
-                      "PREFECT_API_DATABASE_CONNECTION_URL": pg.url}
+                      "PREFECT_API_DATABASE_CONNECTION_URL": pg.url,
+                      # The UI's API address (its default is port 4200's).
+                      "PREFECT_UI_API_URL": api_url}
         server, server_proc = _spawn(
             "prefect-server",
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
