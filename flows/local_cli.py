@@ -73,6 +73,7 @@ def _print_status(report: dict[str, Any]) -> None:
         table.add_row(escape(name), state, str(c.get("pid", "")), escape(c.get("url", "")))
     out.print(table)
     # Plain text from here: names and paths are the user's, never rich markup.
+    out.print(f"database  {report.get('database') or 'sqlite'}", markup=False)
     out.print(f"work pool {report['work_pool']}", markup=False)
     out.print(f"spec      {report['spec']}", markup=False)
     out.print(f"fabric    {report['fabric']}", markup=False)

@@ -3,8 +3,11 @@
 ``up`` starts, each in its own session (so a signal reaches the whole process group and a
 worker started from a non-interactive shell still honours SIGTERM):
 
+- a PostgreSQL server of its own (``flows.local_postgres``: Debian's package, data dir under
+  the state dir, a free port) holding the Prefect server's database; SQLite stalls on bursts
+  of task runs, and a single ``clusterflow run`` without a stack keeps SQLite;
 - a Prefect server (``prefect server start``) with the services event-triggered and
-  scheduled deployments need (triggers/actions, scheduler), its database under the state dir;
+  scheduled deployments need (triggers/actions, scheduler), on that database;
 - the embedded AWS endpoint (moto + clusterflow's extensions), recorded in ``moto.json`` so
   every ``clusterflow`` command and flow run reuses it;
 - a ``process`` work pool worker, which runs the deployments' flow runs;
@@ -40,6 +43,7 @@ import yaml
 from pydantic import BaseModel
 
 from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
+from flows.local_postgres import LocalPostgres, PostgresError
 from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
 from flows.spec import DEFAULT_SPEC, load_spec
 from infra.aws.clients import AwsTarget
@@ -50,7 +54,7 @@ PREFECT_FILE = REPO / "prefect.yaml"
 BIN = Path(sys.executable).parent
 STATE_FILE = "local-stack.json"
 # ``down`` stops the clients (consumers, worker) before the services they talk to.
-COMPONENTS = ("moto", "prefect-server", "worker", "consumers")
+COMPONENTS = ("moto", "postgres", "prefect-server", "worker", "consumers")
 STARTUP_TIMEOUT_S = 180.0
 
 # The stack's server runs deployments, so it needs the services a single CLI run does not:
@@ -59,6 +63,7 @@ STARTUP_TIMEOUT_S = 180.0
 # every second (default 5) so the events API shows what the bridge emitted at once.
 STACK_SERVER_SETTINGS = {
     **LOCAL_SERVER_DEFAULTS,
+    "PREFECT_SERVER_UI_ENABLED": "true",  # people look at the stack's runs in the UI
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",
@@ -94,6 +99,7 @@ class StackState(BaseModel):
     work_pool: str
     prefect_api_url: str | None = None
     moto_url: str | None = None
+    database_port: int | None = None
     consumers: list[str] = []
     components: dict[str, Component] = {}
 
@@ -337,11 +343,25 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
                        fabric=str(Path(fabric_path).resolve()), work_pool=work_pool)
     started: list[Component] = []
     try:
+        pg = LocalPostgres(home / "stack" / "postgres" / "data", _free_port())
+        pg_log = logs / "postgres.log"
+        pg.init()
+        pg_proc = pg.start(pg_log)
+        started.append(Component(name="postgres", pid=pg_proc.pid,
+                                 create_time=psutil.Process(pg_proc.pid).create_time(),
+                                 command=pg.command(), log=str(pg_log), url=pg.display_url))
+        state.components["postgres"] = started[-1]
+        state.database_port = pg.port
+        _save(state)
+        pg.wait_ready(pg_proc, pg_log)
         # The server is the slow one (database migration on a fresh home): start it first
         # and bring the rest up while it gets ready.
         port = port or _free_port()
         api_url = f"http://127.0.0.1:{port}/api"
-        server_env = {**_env(home), **STACK_SERVER_SETTINGS}
+        server_env = {**_env(home), **STACK_SERVER_SETTINGS,
+                      "PREFECT_API_DATABASE_CONNECTION_URL": pg.url,
+                      # The UI's API address (its default is port 4200's).
+                      "PREFECT_UI_API_URL": api_url}
         server, server_proc = _spawn(
             "prefect-server",
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
@@ -392,9 +412,11 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         _wait_for("the consumers", lambda: "consuming" in _tail(consumers.log, 20000),
                   consumers_proc, consumers.log)
         _write_json(home / "prefect.json", {"url": api_url, "pid": server.pid})
-    except BaseException:
+    except BaseException as e:
         _stop(list(reversed(started)), grace_s=10)
         _forget(home, state)
+        if isinstance(e, PostgresError):
+            raise StackError(str(e)) from None
         raise
     return state, True
 
@@ -421,10 +443,21 @@ def down(home: Path, grace_s: float = 30.0) -> dict[str, Any]:
     second = [running[n] for n in ("prefect-server", "moto") if n in running]
     signalled, killed = _stop(first, grace_s)
     signalled2, killed2 = _stop(second, grace_s)
+    # PostgreSQL last, once nobody uses it: a fast shutdown through pg_ctl, so the cluster
+    # stops cleanly; whatever outlives it is signalled like any component.
+    third = [running["postgres"]] if "postgres" in running else []
+    if third and state.database_port and _database(home, state).stop(timeout=grace_s):
+        signalled2.append(third[0].pid)
+    signalled3, killed3 = _stop(third, grace_s)
     _forget(home, state)
     return {"home": str(home), "was_running": True,
-            "stopped": {c.name: c.pid for c in [*first, *second]},
-            "pids_signalled": signalled + signalled2, "pids_killed": killed + killed2}
+            "stopped": {c.name: c.pid for c in [*first, *second, *third]},
+            "pids_signalled": signalled + signalled2 + signalled3,
+            "pids_killed": killed + killed2 + killed3}
+
+
+def _database(home: Path, state: StackState) -> LocalPostgres:
+    return LocalPostgres(home / "stack" / "postgres" / "data", state.database_port or 0)
 
 
 def status(home: Path) -> dict[str, Any]:
@@ -448,12 +481,16 @@ def status(home: Path) -> dict[str, Any]:
             from infra.aws.embedded import _answers
 
             info["healthy"] = _answers(c.url or "", attempts=2, timeout=5.0)
+        if name == "postgres" and proc is not None and state.database_port:
+            info["healthy"] = _database(home, state).ready()
         components[name] = info
     up_count = sum(1 for v in components.values() if v["running"])
     overall = ("running" if up_count == len(COMPONENTS)
                else "stopped" if up_count == 0 else "degraded")
     return {"home": str(home), "state": overall, "started_at": state.started_at,
             "prefect_api_url": state.prefect_api_url, "moto_url": state.moto_url,
+            "database": state.components["postgres"].url if "postgres" in state.components
+            else None,
             "work_pool": state.work_pool, "spec": state.spec, "fabric": state.fabric,
             "consumers": state.consumers,
             "components": components}

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology
 from event_bridge.topology_cache import ensure_topology
+from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
 from flows.resource_checks import check_resources
@@ -335,6 +336,7 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
                    "queues": {q: {"events_received": r["received"], "verified": r["verified"],
                                   "failed": len(r["failed"])} for q, r in queues.items()}},
     }
+    summary["artifacts"] = publish_run_artifacts(spec, summary, aws)
     if outcome.failed:
         names = ", ".join(f"{p['step']}[{p['label']}]" if p["label"] else p["step"]
                           for p in outcome.failed)
@@ -438,4 +440,5 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         summary["field_sha256"] = main_entry["sha256"]
     if "spot" in record:  # requeues after node loss and the time their attempts ran
         summary["spot"] = record["spot"]
+    summary["artifacts"] = publish_run_artifacts(spec, summary, aws)
     return summary

@@ -51,6 +51,21 @@ def _tree(pid: int) -> set[int]:
         return set()
 
 
+def _prefect_tables(home: Path, url: str) -> int:
+    """How many tables the stack's PostgreSQL holds in its ``prefect`` database."""
+    from flows.local_postgres import LocalPostgres
+
+    pg = LocalPostgres(home / "stack" / "postgres" / "data", int(url.rsplit(":", 1)[1]
+                                                                 .split("/")[0]))
+    psql = pg._cmd("psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "clusterflow",
+                   "-d", "prefect", "-tAc",
+                   "SELECT count(*) FROM information_schema.tables "
+                   "WHERE table_schema = 'public'")
+    got = pg._run(psql, password=True)
+    assert got.returncode == 0, got.stderr
+    return int(got.stdout.strip())
+
+
 def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = _env(home)
@@ -59,11 +74,17 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["started"] is True and report["state"] == "running"
     comps = report["components"]
-    assert set(comps) == {"moto", "prefect-server", "worker", "consumers"}
+    assert set(comps) == {"moto", "postgres", "prefect-server", "worker", "consumers"}
     pids = {name: c["pid"] for name, c in comps.items()}
     try:
         assert all(c["running"] for c in comps.values())
         assert comps["prefect-server"]["healthy"] and comps["moto"]["healthy"]
+        assert comps["postgres"]["healthy"]
+        assert report["database"] == comps["postgres"]["url"]
+        assert report["database"].startswith("postgresql://clusterflow@127.0.0.1:")
+        # The Prefect server keeps its state in that PostgreSQL, not in SQLite.
+        assert _prefect_tables(home, comps["postgres"]["url"]) > 20
+        assert not list((home / "stack" / "prefect").glob("*.db"))
         assert all(_alive(pid) for pid in pids.values())
         # Each component leads its own session, so a signal reaches its whole group.
         assert all(os.getsid(pid) == pid for pid in pids.values())
@@ -90,6 +111,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert json.loads(status.stdout)["components"] == comps
         human = _cli(["local", "status"], env)
         assert human.returncode == 0 and "running" in human.stdout
+        assert f"database  {report['database']}" in human.stdout
 
         # Everything up started, down to grandchildren, must go.
         every = set().union(*(_tree(pid) for pid in pids.values()))
@@ -98,12 +120,15 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     stopped = json.loads(down.stdout)
     assert stopped["stopped"] == {n: pids[n] for n in ("consumers", "worker",
-                                                        "prefect-server", "moto")}
+                                                        "prefect-server", "moto", "postgres")}
     assert stopped["pids_killed"] == []  # every process honoured SIGTERM
     assert set(stopped["pids_signalled"]) >= set(pids.values())
     left = sorted(pid for pid in every if _alive(pid))
     assert left == [], f"processes left behind: {left}"
     assert not (home / "moto.json").exists() and not (home / "local-stack.json").exists()
+    data_dir = str(home / "stack" / "postgres" / "data")
+    assert not [p.pid for p in psutil.process_iter(["cmdline"])
+                if data_dir in " ".join(p.info["cmdline"] or [])], "a postgres is left"
 
     after = _cli(["local", "status", "--json"], env)
     assert after.returncode == 3
