@@ -30,6 +30,7 @@ from event_bridge.topology_cache import ensure_topology
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
+from flows.joblog import failure_lines, forward
 from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
@@ -150,24 +151,6 @@ def stage_in(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> Transferred:
     return staged
 
 
-def _forward(path: Path, offset: int, prefix: str, logger: Any) -> int:
-    """Send the lines appended to ``path`` since ``offset`` to the Prefect log."""
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].decode(errors="replace").splitlines():
-        if line.strip():
-            logger.info("%s %s", prefix, line)
-    return offset + end
-
-
-def _rank_error(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    own = [ln for ln in lines if ": rank " in ln]
-    return "; ".join(own) if own else "\n".join(lines[-15:])
-
-
 def result_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """With ``reuse_result``: the kernel, its parameters and the input's bytes, nothing else.
 
@@ -218,22 +201,22 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
                                    **telemetry_env(aws, run_id, spec.storage.results_bucket)})
         offsets = {job.stdout: 0, job.stderr: 0}
 
-        def forward(_: JobStatus) -> None:
+        def on_poll(_: JobStatus) -> None:
             for path in offsets:
-                offsets[path] = _forward(path, offsets[path], f"[{info.name}]", logger)
+                offsets[path] = forward(path, offsets[path], f"[{info.name}]", logger)
 
         # A local job is watched closely (it is seconds long and nobody else is asked); a
         # scheduler is a shared service and is polled with backoff.
         backoff = Backoff(first=0.1, cap=0.1) if spec.backend == "local" else Backoff()
         try:
-            status = wait(provider, job, on_poll=forward, backoff=backoff)
+            status = wait(provider, job, on_poll=on_poll, backoff=backoff)
         except BaseException:
             provider.cancel(job)  # a cancelled flow must not leave ranks running
             raise
     if status.state is not JobState.COMPLETED:
         raise MpiJobFailed(
             f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
-            f"{_rank_error(job.stderr.read_text(errors='replace'))}"
+            f"{failure_lines(job.stderr.read_text(errors='replace'))}"
         )
     spot = read_interruptions(attempts_file(run_dir, info.name)).as_dict()
     return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.joblog import failure_lines, forward
 from flows.steps.graph import Plan, Point
 from flows.steps.inputs import (
     InputError,
@@ -168,21 +169,8 @@ def _generated_input(run: StepRun, info: Any, params: Any, work: Path) -> Path:
     return download(run.aws, bucket, key, work / "in" / Path(key).name).path
 
 
-def _forward(path: Path, offset: int, prefix: str, logger: Any) -> int:
-    with path.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].decode(errors="replace").splitlines():
-        if line.strip():
-            logger.info("%s %s", prefix, line)
-    return offset + end
-
-
 def _tail(path: Path) -> str:
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    own = [ln for ln in lines if ": rank " in ln]
-    return "; ".join(own) if own else " | ".join(lines[-8:])
+    return failure_lines(path.read_text(errors="replace"), last=8, sep=" | ")
 
 
 def link_inputs_into(out: Path, inputs: dict[str, Path]) -> None:
@@ -293,16 +281,16 @@ def _wait(run: StepRun, provider: ExecutionProvider, step: StepSpec, point: Poin
     offsets = {job.stdout: 0, job.stderr: 0}
     prefix = f"[{point.task_name}]"
 
-    def forward(_: JobStatus) -> None:
+    def on_poll(_: JobStatus) -> None:
         for path in offsets:
-            offsets[path] = _forward(path, offsets[path], prefix, run.logger)
+            offsets[path] = forward(path, offsets[path], prefix, run.logger)
         if step.name in run.cancelled:
             raise PointFailed(f"{point.task_name} cancelled: a sibling point failed "
                               "(fail_fast)")
 
     backoff = Backoff(first=0.1, cap=0.1) if run.backend_of(step) == "local" else Backoff()
     try:
-        return wait(provider, job, on_poll=forward, backoff=backoff, timeout=step.timeout)
+        return wait(provider, job, on_poll=on_poll, backoff=backoff, timeout=step.timeout)
     except TimeoutError:
         provider.cancel(job)
         raise PointFailed(f"{point.task_name} ran past its timeout of {step.timeout} s and "
