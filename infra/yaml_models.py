@@ -76,6 +76,9 @@ def load_yaml_model(path: Path | str, model: type[M], *, what: str, error: type[
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise error(f"{what} {path} is not valid YAML: {yaml_problem(e)}") from None
+    except TypeError as e:  # `{{ x }}` as a key once a library changed SafeLoader's mappings
+        raise error(f"{what} {path} is not valid YAML: {e} (a {{{{ }}}} template placeholder "
+                    "used as a value? render the template first)") from None
     if not isinstance(raw, dict):
         raise error(f"{what} {path} must be a YAML mapping, got {type(raw).__name__}")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -111,10 +111,14 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
         raise refuse("a binary file (it contains NUL bytes), not a YAML config") from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, TypeError) as e:
+        # `{{ x }}` is a mapping used as a key: PyYAML says "unhashable key", or (once a
+        # library has added its own constructors to SafeLoader, as ParallelCluster's import
+        # does) raises a bare TypeError. Either way it is the file, not clusterflow.
         hint = ("; it holds {{ }} template placeholders: render the template first"
                 if "{{" in text else "")
-        raise refuse(f"not readable YAML: {yaml_error_line(e)}{hint}") from None
+        said = yaml_error_line(e) if isinstance(e, yaml.YAMLError) else str(e)
+        raise refuse(f"not readable YAML: {said}{hint}") from None
     if not isinstance(raw, dict):
         raise ConfigInvalid(str(path), [ConfigIssue(
             "<root>", f"expected a YAML mapping, got {type(raw).__name__}")])
