@@ -234,6 +234,9 @@ def _kmer_table_rows(distinct: int) -> tuple[int, int]:
     return rows, previous
 
 
+_DUMP_BLOCK = 65_536  # entries a rank sends per merge block (mpi_jobs/kmer_dump.py)
+
+
 def _kmer_memory(p: KmerParameters, ranks: int) -> int:
     # k-mers in the generated sample, and how many can be distinct: at most the genome's own
     # plus the ones each read's substitution errors make new (each error touches up to k k-mers;
@@ -252,11 +255,16 @@ def _kmer_memory(p: KmerParameters, ranks: int) -> int:
     # Per rank: the table (16 B a row; old and new tables both live while it grows), its items
     # and their top-N/histogram copies, and one chunk as bytes, codes, send and receive buffers.
     per_rank = (rows + previous) * 2 * _F8 + owned * 4 * _F8 + 25 * p.chunk_bytes
-    # Rank 0: the gathered top lists (with top 0, every k-mer: arrays, Python ints, decoded str
-    # objects, the formatted lines and their join; ~340 B a k-mer measured, k=31, 400k reads on
-    # 2 ranks: 3586 + 457 MiB peak RSS; this gives 7.5 GiB, the k-mer count being an upper bound).
-    listed = distinct if p.top == 0 else min(distinct, ranks * p.top)
-    root = listed * (400 + p.k)
+    if p.top == 0:
+        # The full dump is streamed (mpi_jobs/kmer_dump.py): each rank sorts a copy of its
+        # table's items and rank 0 merges 65,536-entry blocks from every rank, writing as it
+        # goes, so no rank holds the whole output.
+        per_rank += owned * 2 * _F8
+        root = ranks * _DUMP_BLOCK * (64 + p.k)
+    else:
+        # Rank 0: the gathered top lists (arrays, Python ints, decoded str objects, the
+        # formatted lines and their join: ~400 B a k-mer).
+        root = min(distinct, ranks * p.top) * (400 + p.k)
     # The default input: the genome and the per-read draws (records are streamed to disk).
     make_input = 16 * p.genome_length + 16 * p.reads
     return max(ranks * (per_rank + RANK_OVERHEAD) + root, make_input)
