@@ -74,6 +74,11 @@ class SlurmUnavailable(SlurmError, ProviderUnavailable):
     """Slurm's commands are missing, its config is missing, or its controller does not answer."""
 
 
+class SlurmJobUnknown(SlurmError):
+    """Neither the controller nor the job completion log knows the job: it is gone without a
+    record (another cluster's id, or a controller restarted without its state)."""
+
+
 def valid_time_limit(value: str) -> bool:
     """Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
     return bool(_TIME_LIMIT_RE.fullmatch(value))
@@ -369,7 +374,7 @@ class SlurmProvider(ExecutionProvider):
         # without its state): the completion log still knows how it ended.
         final = self.completion_status(job)
         if final is None:
-            raise SlurmError(f"Slurm job {job.job_id} is unknown to the controller and to the "
+            raise SlurmJobUnknown(f"Slurm job {job.job_id} is unknown to the controller and to the "
                              "job completion log (sacct -c); it may belong to another cluster")
         return final
 
