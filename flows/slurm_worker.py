@@ -15,22 +15,40 @@ is the flow run's infrastructure pid. While the job lives the worker watches bot
   OUT_OF_MEMORY... make the run Crashed (non-zero status) unless the engine already set a
   final state; CANCELLED (someone ran ``scancel``) makes it Cancelled;
 - the flow run turns Cancelling (the UI's Cancel, or the API): ``scancel``, then Cancelled.
+  A run cancelled before its job started also reaches ``scancel`` through Prefect's own
+  cancellation observer (``kill_infrastructure``).
 
-Not yet: a restarted worker does not pick up the jobs its predecessor was watching (their
-flow runs still end by the engine's own report, but a job Slurm kills is not mapped).
+A worker can die (SIGKILL, a reboot of the login node) while its jobs run on: Slurm does not
+need it. So a worker that starts adopts the pool's flow runs that are still Pending, Running
+or Cancelling with a Slurm job id as infrastructure pid, whoever submitted them, and watches
+them as its own: a job still queued or running is watched to its end (a cancel issued now
+still reaches ``scancel``); a job that ended meanwhile is mapped from what Slurm (the
+controller, else the job completion log) says about it; a job Slurm has no record of makes the
+run Crashed, saying so. Watching a run twice (two live workers on one pool) is harmless: every
+action is idempotent (``scancel`` of an ended job, a final state set only on a non-final run).
 """
 
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import anyio
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import Cancelled, Crashed, StateType
+from prefect.exceptions import InfrastructureNotFound, ObjectNotFound
+from prefect.states import Cancelled, Completed, Crashed, StateType
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -40,10 +58,18 @@ from prefect.workers.base import (
 from pydantic import Field, field_validator
 
 from infra.backends.providers.base import JobHandle, JobState
-from infra.backends.providers.slurm import SlurmError, SlurmProvider, valid_time_limit
+from infra.backends.providers.slurm import (
+    SlurmJobUnknown,
+    SlurmProvider,
+    SlurmUnavailable,
+    valid_time_limit,
+)
 
 WORKER_TYPE = "clusterflow-slurm"
 POLL_SECONDS = 1.0
+# Flow runs whose job may still be alive, or whose end nobody has recorded yet.
+ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+ADOPT_PAGE = 200  # the API's largest page
 
 
 def _time_limit(v: str | None) -> str | None:
@@ -111,12 +137,16 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
     _display_name = "Slurm (clusterflow)"
     _documentation_url = "https://slurm.schedmd.com/sbatch.html"
 
+    _watching: set[UUID]
+    _adoption_started: bool = False
+
     async def run(self, flow_run: FlowRun, configuration: SlurmJobConfiguration,
                   task_status: Any = None) -> SlurmWorkerResult:
         provider = configuration.provider()
         workdir = Path(configuration.working_dir or tempfile.gettempdir()) / \
             f"prefect-{flow_run.id}"
         env = {k: v for k, v in configuration.env.items() if v is not None}
+        self._watched().add(flow_run.id)
         job = await anyio.to_thread.run_sync(lambda: provider.submit(
             shlex.split(configuration.command or ""), ranks=configuration.tasks,
             job_name=f"prefect-{flow_run.name}", workdir=workdir, env=env))
@@ -125,11 +155,87 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             task_status.started(job.job_id)
         return await self.watch(flow_run, provider, job)
 
+    def _watched(self) -> set[UUID]:
+        if not hasattr(self, "_watching"):
+            self._watching = set()
+        return self._watching
+
+    # ---- adoption: the runs a stopped worker left behind
+
+    async def sync_with_backend(self) -> None:
+        """Prefect's sync (heartbeat, the pool's template); the first one that knows the pool
+        starts the adoption of the runs left behind, inside the worker's task group."""
+        await super().sync_with_backend()
+        if not self._adoption_started and self._work_pool is not None and \
+                self._runs_task_group is not None:
+            self._adoption_started = True
+            self._runs_task_group.start_soon(self.adopt_orphans)
+
+    async def adopt_orphans(self) -> list[UUID]:
+        """Watch every active flow run of this pool that carries a Slurm job id and that this
+        worker is not already watching; return their ids."""
+        pool = self.work_pool.name
+        runs: list[FlowRun] = []
+        while True:  # page by page: a sweep can leave hundreds
+            page = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=ACTIVE))),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+                limit=ADOPT_PAGE, offset=len(runs))
+            runs += page
+            if len(page) < ADOPT_PAGE:
+                break
+        adopted = []
+        for flow_run in runs:
+            pid = (flow_run.infrastructure_pid or "").strip()
+            if not pid.isdigit() or flow_run.id in self._watched():
+                continue
+            self._watched().add(flow_run.id)
+            self._logger.info("adopting flow run %s (%s): Slurm job %s, left by a worker that "
+                              "stopped", flow_run.name, flow_run.state_name, pid)
+            self._runs_task_group.start_soon(self._adopt, flow_run, pid)
+            adopted.append(flow_run.id)
+        return adopted
+
+    async def _adopt(self, flow_run: FlowRun, job_id: str) -> None:
+        try:
+            configuration = await self._configuration_for(flow_run)
+            job = JobHandle(job_id=job_id, stdout=Path("/dev/null"), stderr=Path("/dev/null"))
+            await self.watch(flow_run, configuration.provider(), job)
+        except Exception:  # one run's trouble must not stop the worker
+            self._logger.exception("could not adopt flow run %s (Slurm job %s)", flow_run.name,
+                                   job_id)
+
+    async def _configuration_for(self, flow_run: FlowRun) -> SlurmJobConfiguration:
+        """The job configuration the run was submitted with (pool template + deployment);
+        the pool's defaults when its deployment is gone."""
+        work_pool = copy.deepcopy(self.work_pool)
+        try:
+            return await self.job_configuration.resolve_for_flow_run(
+                flow_run, client=self.client, work_pool=work_pool, worker_name=self.name,
+                worker_id=self.backend_id)
+        except ObjectNotFound:
+            return await self.job_configuration.from_template_and_values(
+                work_pool.base_job_template, {}, client=self.client)
+
+    # ---- watching one job
+
     async def watch(self, flow_run: FlowRun, provider: SlurmProvider,
                     job: JobHandle) -> SlurmWorkerResult:
         """Poll the job and the flow run until the job ends; map its end to the run."""
+        unreachable = False
         while True:
-            status = await anyio.to_thread.run_sync(provider.status, job)
+            try:
+                status = await anyio.to_thread.run_sync(provider.status, job)
+            except SlurmUnavailable as e:  # a controller restart must not orphan the run
+                if not unreachable:
+                    self._logger.warning("flow run %s: %s; retrying", flow_run.name, e)
+                unreachable = True
+                await anyio.sleep(5 * POLL_SECONDS)
+                continue
+            except SlurmJobUnknown as e:
+                return await self._gone(flow_run, job, str(e))
+            unreachable = False
             if status.state.terminal:
                 break
             current = await self.client.read_flow_run(flow_run.id)
@@ -146,19 +252,36 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             await anyio.sleep(POLL_SECONDS)
         current = await self.client.read_flow_run(flow_run.id)
         final = current.state is not None and current.state.is_final()
-        if status.state is JobState.CANCELLED:  # scancel from outside Prefect
+        cancelling = current.state is not None and current.state.type == StateType.CANCELLING
+        if status.state is JobState.CANCELLED or cancelling:  # scancel from outside Prefect
             if not final:
                 await self.client.set_flow_run_state(
                     flow_run.id, Cancelled(message=f"Slurm job {job.job_id} was cancelled "
-                                           "(scancel)"), force=True)
+                                           f"(scancel; Slurm: {status.message or 'cancelled'})"),
+                    force=True)
             return SlurmWorkerResult(identifier=job.job_id, status_code=0)
         code = 0 if status.state is JobState.COMPLETED else (status.exit_code or 1)
-        if code and not final:
+        if not final and code:
             await self.client.set_flow_run_state(
                 flow_run.id, Crashed(message=f"Slurm job {job.job_id} ended "
                                      f"{status.message or status.state.value} (exit {code})"),
                 force=True)
+        elif not final:
+            # Exit 0 without the engine's report (it lost the API at its end, or ended while
+            # no worker watched and the report did not get through): Slurm's word stands.
+            await self.client.set_flow_run_state(
+                flow_run.id, Completed(message=f"Slurm job {job.job_id} completed (exit 0); "
+                                       "the flow run did not report its end itself"),
+                force=True)
         return SlurmWorkerResult(identifier=job.job_id, status_code=code)
+
+    async def _gone(self, flow_run: FlowRun, job: JobHandle, why: str) -> SlurmWorkerResult:
+        current = await self.client.read_flow_run(flow_run.id)
+        if current.state is None or not current.state.is_final():
+            await self.client.set_flow_run_state(
+                flow_run.id, Crashed(message=f"{why}: its end was not recorded, so the flow "
+                                     "run's outcome is unknown"), force=True)
+        return SlurmWorkerResult(identifier=job.job_id, status_code=-1)
 
     async def kill_infrastructure(self, infrastructure_pid: str,
                                   configuration: SlurmJobConfiguration,
@@ -169,9 +292,5 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
                         stderr=Path("/dev/null"))
         try:
             await anyio.to_thread.run_sync(provider.cancel, job)
-        except SlurmError as e:
-            from prefect.exceptions import InfrastructureNotFound
-
-            if "unknown" in str(e):
-                raise InfrastructureNotFound(str(e)) from None
-            raise
+        except SlurmJobUnknown as e:
+            raise InfrastructureNotFound(str(e)) from None
