@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from infra.aws.clients import AwsTarget
+from infra.backends.providers.allocation import AllocationProvider, current_allocation
 from infra.backends.providers.base import ExecutionProvider
 from infra.backends.providers.local import LocalProvider
 
@@ -44,7 +45,17 @@ def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[Ex
 @contextlib.contextmanager
 def _open_backend(spec: PipelineSpec, aws: AwsTarget,
                   logger: Any) -> Iterator[ExecutionProvider]:
-    if spec.backend == "local":
+    allocation = current_allocation() if spec.backend in ("local", "slurm") else None
+    if allocation is not None:
+        # A flow run that is itself a Slurm job (the clusterflow-slurm pool): its jobs are
+        # srun steps of that allocation, not new sbatch jobs or processes outside Slurm.
+        logger.info("inside Slurm job %s: %s jobs run as srun steps of it", allocation,
+                    spec.backend)
+        slurm = spec.backend == "slurm"
+        yield AllocationProvider(allocation,
+                                 launcher=spec.slurm.launcher if slurm else "srun",
+                                 overcommit=spec.slurm.overcommit if slurm else True)
+    elif spec.backend == "local":
         yield LocalProvider()
     elif spec.backend == "slurm":
         yield slurm_provider(spec)

@@ -70,7 +70,9 @@ def wrap(step: StepSpec, provider: ExecutionProvider, backend: str, ranks: int,
         return [launcher.mpiexec, "-n", str(ranks), *extra, *launcher.args, *argv]
     if launcher == "srun":
         return SrunLauncher().command(ranks, argv)
-    if launcher == "mpiexec" and backend != "local":
+    if launcher == "mpiexec" and (backend != "local" or getattr(provider, "allocation", None)):
+        # Also inside a Slurm allocation (a flow run of the Slurm pool), where the default is
+        # srun: the spec's explicit choice wins.
         return MpiexecLauncher(oversubscribe=getattr(provider, "overcommit", False)).command(
             ranks, argv)
     return provider.launcher().command(ranks, argv)

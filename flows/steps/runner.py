@@ -26,6 +26,7 @@ from flows.steps.execute import PointFailed, StepRun, execute_point, reuse_point
 from flows.steps.graph import Point
 from flows.steps.inputs import InputError
 from flows.steps.model import StepSpec
+from infra.backends.providers.allocation import current_allocation
 from infra.backends.providers.base import JobHandle
 from infra.staging.objects import IntegrityError
 
@@ -126,8 +127,10 @@ ARRAY_MAX_POINTS = 200
 
 
 def _uses_array(run: StepRun, step: StepSpec) -> bool:
+    # Inside an allocation (a flow run of the Slurm pool) points are srun steps, not arrays.
     return (run.backend_of(step) == "slurm" and step.sweep is not None and not step.per_point
-            and 1 < len(run.plan.points[step.name]) <= ARRAY_MAX_POINTS)
+            and 1 < len(run.plan.points[step.name]) <= ARRAY_MAX_POINTS
+            and current_allocation() is None)
 
 
 def _point_summary(point: Point, **fields: Any) -> dict[str, Any]:
