@@ -169,7 +169,14 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
         if not self._adoption_started and self._work_pool is not None and \
                 self._runs_task_group is not None:
             self._adoption_started = True
-            self._runs_task_group.start_soon(self.adopt_orphans)
+            self._runs_task_group.start_soon(self._adopt_or_retry)
+
+    async def _adopt_or_retry(self) -> None:
+        try:
+            await self.adopt_orphans()
+        except Exception:  # the API hiccuped: the next sync tries again, the worker goes on
+            self._logger.exception("could not look for flow runs left by a stopped worker")
+            self._adoption_started = False
 
     async def adopt_orphans(self) -> list[UUID]:
         """Watch every active flow run of this pool that carries a Slurm job id and that this
