@@ -23,6 +23,7 @@ the job's output through the provider's log mirror.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shlex
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.backends.remote_shell import run_checked
+from infra.clusters.parallelcluster_validate import config_region
 from infra.staging.fsx import Fsx, FsxError
 from infra.staging.fsx_job import SUMS
 from infra.staging.fsx_layout import FsxLayout, fsx_layout
@@ -271,6 +273,8 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
     ``fsx_client`` replaces the FSx client (tests stub the data repository task calls).
     """
     run = plan_run(spec, run_id, run_dir)
+    # The file system lives in the cluster's region (the config's Region), as the cluster does.
+    fsx_aws = dataclasses.replace(aws, region=config_region(raw_config(spec), aws.region))
     src = timed("stage_in", ensure_input, spec, aws, run_dir, logger)
     if spec.kernel.input_key is not None and spec.kernel.name == "heat":
         bucket, _, key = src.uri[len("s3://"):].partition("/")
@@ -280,8 +284,8 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
     report = f"{results_link.repository}clusterflow-fsx-reports/{run_id}"
     with contextlib.ExitStack() as stack:
         provider = timed("cluster", stack.enter_context, open_backend(spec, aws, logger))
-        fs_id = file_system_id(aws, spec.parallelcluster.cluster_name, run.layout)
-        staging = FsxRunStaging(Fsx(aws, client=fsx_client, poll_seconds=5), fs_id,
+        fs_id = file_system_id(fsx_aws, spec.parallelcluster.cluster_name, run.layout)
+        staging = FsxRunStaging(Fsx(fsx_aws, client=fsx_client, poll_seconds=5), fs_id,
                                 run.layout.links, visible=visible_on(provider.shell),
                                 report_path=report, progress=logger.info)
         mounted = timed("stage_in_fsx", stage_in_fsx, staging, run, src, logger)

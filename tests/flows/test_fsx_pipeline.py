@@ -13,6 +13,7 @@ calls, which also check the ordering: no manifest in S3 while the export runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -90,7 +91,8 @@ class World:
         self.spec_path = tmp_path / "spec.yaml"
         self.spec_path.write_text(yaml.safe_dump(spec))
         # The file system ParallelCluster created for the cluster, found by its tags.
-        self.fs_id = aws.client("fsx").create_file_system(
+        fsx_region = dataclasses.replace(aws, region="us-east-2")  # the config's Region
+        self.fs_id = fsx_region.client("fsx").create_file_system(
             FileSystemType="LUSTRE", StorageCapacity=1200, SubnetIds=["subnet-0123abcd"],
             LustreConfiguration={"DeploymentType": "PERSISTENT_2",
                                  "PerUnitStorageThroughput": 250},
@@ -261,3 +263,45 @@ def test_spec_chooses_fsx_staging_or_shared_mount_or_refuses(aws, tmp_path):
     assert "is not the cluster's shared storage parallelcluster.remote_root" in msg
     assert "no FSx link exports to s3://not-linked-results/runs/" in msg
     assert str(world.config) in msg
+
+
+def test_the_flow_from_anywhere_fans_out_the_manifest_once_results_are_verified(
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
+    """hpc_pipeline itself: provision, FSx stage-in, ranks, export and verification, the
+    manifest, and the fan-out queues each verifying that manifest's event."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
+
+    import flows.fsx_staging
+    import flows.pipeline
+    from infra.staging.fsx import Fsx
+
+    world = World(aws, tmp_path)
+    run_id = "heat-fsx-flow"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws.endpoint_url)
+    monkeypatch.setenv("CLUSTERFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.pipeline, "open_backend", head_node(world, local_slurm))
+    with fsx_stub(world, run_id) as client, \
+            temporary_settings(updates={PREFECT_API_URL: prefect_api,
+                                        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                        PREFECT_LOGGING_TO_API_ENABLED: False}):
+        _expect(client, world, run_id)
+        monkeypatch.setattr(flows.fsx_staging, "Fsx",
+                            lambda target, **kw: Fsx(target, **{**kw, "client": client}))
+        summary = flows.pipeline.hpc_pipeline(spec_path=str(world.spec_path), run_id=run_id)
+    assert client.seen == ["IMPORT_METADATA_FROM_REPOSITORY", "EXPORT_TO_REPOSITORY"]
+    assert summary["backend"] == "parallelcluster" and summary["computed_by"] == run_id
+    assert summary["s3"]["objects"][-1] == f"s3://{world.results}/runs/{run_id}/manifest.json"
+    assert f"s3://{world.results}/runs/{run_id}/field.npy" in summary["s3"]["objects"]
+    assert {"stage_in", "stage_in_fsx", "mpi_run", "publish", "consume"} <= set(
+        summary["seconds"])
+    for queue in summary["fanout"]["queues"].values():
+        assert queue["verified"] == 1
+    field = aws.client("s3").get_object(Bucket=world.results,
+                                        Key=f"runs/{run_id}/field.npy")["Body"].read()
+    assert hashlib.sha256(field).hexdigest() == summary["result_sha256"]
