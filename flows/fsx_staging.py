@@ -23,6 +23,7 @@ the job's output through the provider's log mirror.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shlex
@@ -164,6 +165,10 @@ def stage_in_fsx(staging: FsxRunStaging, run: FsxRun, src: Transferred, logger: 
                     link.repository)
     elif link is not None and "NEW" in link.auto_import:
         logger.info("waiting for auto-import to show %s on the file system", src.uri)
+    if link is not None and link.lazy and not link.auto_import:
+        # Only objects present when the file system was created are listed: look once.
+        staging = copy.copy(staging)
+        staging.visible_timeout = 0
     try:
         (mounted,) = staging.stage_in(bucket, [key])
     except FsxError as e:

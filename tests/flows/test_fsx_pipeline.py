@@ -59,7 +59,9 @@ def local_slurm() -> LocalSlurm:
 class World:
     """One run's buckets, config, spec and FSx mount."""
 
-    def __init__(self, aws: Any, tmp_path: Path, *, auto_import: bool = False) -> None:
+    def __init__(self, aws: Any, tmp_path: Path, *, auto_import: bool = False,
+                 scratch: bool = False) -> None:
+        self.scratch = scratch
         self.aws, self.tmp = aws, tmp_path
         tag = uuid.uuid4().hex[:8]
         self.inputs, self.results = f"fsxin-{tag}", f"fsxout-{tag}"
@@ -67,14 +69,22 @@ class World:
             aws.client("s3").create_bucket(Bucket=b)
         self.mount = tmp_path / "fsx"
         self.mount.mkdir()
-        raw = yaml.safe_load((REPO / "cluster_configs/efa-ondemand-us-east-2.yaml").read_text())
-        fsx = raw["SharedStorage"][0]
+        if scratch:  # SCRATCH_2: ImportPath (lazy) and ExportPath in the input bucket
+            raw = yaml.safe_load((REPO / "cluster_configs/efa-spot-us-east-1.yaml").read_text())
+            fsx = raw["SharedStorage"][0]
+            fsx["FsxLustreSettings"].update(ImportPath=f"s3://{self.inputs}/inputs",
+                                            ExportPath=f"s3://{self.inputs}/exports")
+        else:  # PERSISTENT_2 with data repository associations
+            raw = yaml.safe_load((REPO / "cluster_configs/efa-ondemand-us-east-2.yaml"
+                                  ).read_text())
+            fsx = raw["SharedStorage"][0]
+            inputs, results = fsx["FsxLustreSettings"]["DataRepositoryAssociations"]
+            inputs["DataRepositoryPath"] = f"s3://{self.inputs}"
+            if not auto_import:
+                del inputs["AutoImportPolicy"]
+            results["DataRepositoryPath"] = f"s3://{self.results}"
         fsx["MountDir"] = str(self.mount)
-        inputs, results = fsx["FsxLustreSettings"]["DataRepositoryAssociations"]
-        inputs["DataRepositoryPath"] = f"s3://{self.inputs}"
-        if not auto_import:
-            del inputs["AutoImportPolicy"]
-        results["DataRepositoryPath"] = f"s3://{self.results}"
+        self.storage_name, self.region = fsx["Name"], raw["Region"]
         self.config = tmp_path / "cluster.yaml"
         self.config.write_text(yaml.safe_dump(raw))
         self.cluster = f"c{tag}"
@@ -91,13 +101,23 @@ class World:
         self.spec_path = tmp_path / "spec.yaml"
         self.spec_path.write_text(yaml.safe_dump(spec))
         # The file system ParallelCluster created for the cluster, found by its tags.
-        fsx_region = dataclasses.replace(aws, region="us-east-2")  # the config's Region
+        fsx_region = dataclasses.replace(aws, region=self.region)  # the config's Region
         self.fs_id = fsx_region.client("fsx").create_file_system(
             FileSystemType="LUSTRE", StorageCapacity=1200, SubnetIds=["subnet-0123abcd"],
             LustreConfiguration={"DeploymentType": "PERSISTENT_2",
                                  "PerUnitStorageThroughput": 250},
             Tags=[{"Key": "parallelcluster:cluster-name", "Value": self.cluster},
-                  {"Key": "Name", "Value": "fsx"}])["FileSystem"]["FileSystemId"]
+                  {"Key": "Name", "Value": self.storage_name}])["FileSystem"]["FileSystemId"]
+
+    def exported_to(self, rel: str) -> tuple[str, str]:
+        """Where FSx exports the file-system path ``rel`` (no leading /)."""
+        if self.scratch:
+            return self.inputs, f"exports/{rel}"
+        return self.results, rel.removeprefix("results/")
+
+    def report(self, run_id: str) -> str:
+        where = f"s3://{self.inputs}/exports/" if self.scratch else f"s3://{self.results}/"
+        return f"{where}clusterflow-fsx-reports/{run_id}"
 
     def manifest_in_s3(self, run_id: str) -> bool:
         got = self.aws.client("s3").list_objects_v2(Bucket=self.results,
@@ -112,10 +132,10 @@ def fsx_stub(world: World, run_id: str, *, export: str = "ok") -> Iterator[Any]:
     ``export``: "ok", "corrupt" (one exported object's bytes differ) or "failed" (the task
     ends FAILED with a failure report in S3).
     """
-    client = boto3.session.Session().client("fsx", region_name="us-east-2",
+    client = boto3.session.Session().client("fsx", region_name=world.region,
                                             aws_access_key_id="x", aws_secret_access_key="x")
     s3 = world.aws.client("s3")
-    report = f"s3://{world.results}/clusterflow-fsx-reports/{run_id}"
+    report = world.report(run_id)
     seen: list[str] = []
 
     def simulate(params: dict[str, Any], **_: Any) -> None:
@@ -135,8 +155,8 @@ def fsx_stub(world: World, run_id: str, *, export: str = "ok") -> Iterator[Any]:
             body = p.read_bytes()
             if export == "corrupt" and p.name == "field.npy":
                 body = body[:-8] + b"\0" * 8
-            key = p.relative_to(world.mount / "results").as_posix()
-            s3.put_object(Bucket=world.results, Key=key, Body=body)
+            bucket, key = world.exported_to(p.relative_to(world.mount).as_posix())
+            s3.put_object(Bucket=bucket, Key=key, Body=body)
         if export == "failed":
             s3.put_object(Bucket=world.results,
                           Key=f"clusterflow-fsx-reports/{run_id}/task-0123456789abcdef0/failures.csv",
@@ -305,3 +325,55 @@ def test_the_flow_from_anywhere_fans_out_the_manifest_once_results_are_verified(
     field = aws.client("s3").get_object(Bucket=world.results,
                                         Key=f"runs/{run_id}/field.npy")["Body"].read()
     assert hashlib.sha256(field).hexdigest() == summary["result_sha256"]
+
+
+def test_a_scratch_file_system_loads_lazily_and_results_are_copied_to_the_results_prefix(
+        aws, local_slurm, tmp_path, caplog):
+    world = World(aws, tmp_path, scratch=True)
+    run_id = "heat-scratch"
+    spec = load_spec(world.spec_path)
+    key = input_key(spec)
+    with fsx_stub(world, run_id) as client:
+        with pytest.raises(FsxError, match="its ImportPath lists only objects present when"):
+            _run(world, local_slurm, client, run_id)  # uploaded after the file system existed
+        # present when the file system was created: listed, loaded on first read
+        aws.client("s3").download_file(world.inputs, key,
+                                       str(world.mount / key.removeprefix("inputs/")))
+        client.expect("EXPORT_TO_REPOSITORY", [f"/clusterflow/export/runs/{run_id}"])
+        with caplog.at_level(logging.INFO, logger=LOG.name):
+            _run(world, local_slurm, client, run_id)
+    assert client.seen == ["EXPORT_TO_REPOSITORY"]  # no import task on a SCRATCH file system
+    assert "loads lazily on the ranks' first read (no import task)" in caplog.text
+    s3 = aws.client("s3")
+    exported = s3.get_object(Bucket=world.inputs,
+                             Key=f"exports/clusterflow/export/runs/{run_id}/field.npy")
+    published = s3.get_object(Bucket=world.results, Key=f"runs/{run_id}/field.npy",
+                              ChecksumMode="ENABLED")
+    assert published["Body"].read() == exported["Body"].read()
+    assert "ChecksumSHA256" in published  # S3 computed it on the copy; the flow compared it
+    assert world.manifest_in_s3(run_id)
+
+
+def test_auto_import_is_waited_for_on_the_head_node(aws, local_slurm, tmp_path):
+    """With AutoImportPolicy NEW there is no import task: the head node is asked (test -e)
+    until the object shows on the file system."""
+    import threading
+
+    world = World(aws, tmp_path, auto_import=True)
+    run_id = "heat-autoimport"
+    spec = load_spec(world.spec_path)
+    key = input_key(spec)
+    arrive = world.mount / "inputs" / key
+    arrive.parent.mkdir(parents=True)
+    from flows.fsx_staging import ensure_input
+
+    ensure_input(spec, aws, tmp_path / "gen", LOG)
+    later = threading.Timer(2.0, aws.client("s3").download_file,
+                            (world.inputs, key, str(arrive)))
+    later.start()
+    with fsx_stub(world, run_id) as client:
+        client.expect("EXPORT_TO_REPOSITORY", [f"/results/runs/{run_id}"])
+        _, staged, _, _ = _run(world, local_slurm, client, run_id)
+    later.join()
+    assert client.seen == ["EXPORT_TO_REPOSITORY"] and staged.path == arrive
+    assert world.manifest_in_s3(run_id)
