@@ -268,19 +268,32 @@ def stage_out_and_publish(spec: PipelineSpec, aws: AwsTarget, staging: FsxRunSta
     return manifest, sent
 
 
+def as_tasks(timed: Timed) -> Timed:
+    """``timed`` with each stage a Prefect task of its name (seen in the UI like the other
+    path's stages); for a flow run only, so the stages stay plain functions elsewhere."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    def run(name: str, fn: Any, *args: Any) -> Any:
+        return timed(name, task(fn, name=name, cache_policy=NO_CACHE), *args)
+    return run
+
+
 def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: str,
                     logger: Any, timed: Timed, open_backend: Any, *,
-                    fsx_client: Any = None,
+                    fsx_client: Any = None, tasks: bool = False,
                     ) -> tuple[PipelineSpec, Transferred, dict[str, Any], list[Transferred]]:
     """Stage in, run and publish through the cluster's FSx; see the module docstring.
 
     Returns the (possibly re-sized) spec, the input, the run's record and what was published.
-    ``fsx_client`` replaces the FSx client (tests stub the data repository task calls).
+    ``fsx_client`` replaces the FSx client (tests stub the data repository task calls);
+    ``tasks``: run the stages as Prefect tasks (inside a flow).
     """
+    stage = as_tasks(timed) if tasks else timed
     run = plan_run(spec, run_id, run_dir)
     # The file system lives in the cluster's region (the config's Region), as the cluster does.
     fsx_aws = dataclasses.replace(aws, region=config_region(raw_config(spec), aws.region))
-    src = timed("stage_in", ensure_input, spec, aws, run_dir, logger)
+    src = stage("stage_in", ensure_input, spec, aws, run_dir, logger)
     if spec.kernel.input_key is not None and spec.kernel.name == "heat":
         bucket, _, key = src.uri[len("s3://"):].partition("/")
         spec = grid_for_shape(spec, npy_shape(aws, bucket, key), Path(key).name)
@@ -293,9 +306,9 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
         staging = FsxRunStaging(Fsx(fsx_aws, client=fsx_client, poll_seconds=5), fs_id,
                                 run.layout.links, visible=visible_on(provider.shell),
                                 report_path=report, progress=logger.info)
-        mounted = timed("stage_in_fsx", stage_in_fsx, staging, run, src, logger)
-        timed("mpi_run", run_job, spec, aws, provider, run, mounted, run_dir, run_id, logger)
-        manifest, sent = timed("publish", stage_out_and_publish, spec, aws, staging, run,
+        mounted = stage("stage_in_fsx", stage_in_fsx, staging, run, src, logger)
+        stage("mpi_run", run_job, spec, aws, provider, run, mounted, run_dir, run_id, logger)
+        manifest, sent = stage("publish", stage_out_and_publish, spec, aws, staging, run,
                                run_dir, logger)
     staged = Transferred(src.uri, Path(mounted), src.bytes, src.sha256)
     return spec, staged, {"run_id": run_id, "manifest": manifest}, sent

@@ -344,7 +344,7 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
         applied = timed("provision", provision, spec, aws, run_dir)
         if uses_fsx(spec):  # run from anywhere: only the ranks see the cluster's FSx
             spec, staged, record, sent = run_through_fsx(
-                spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend)
+                spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend, tasks=True)
             manifest, computed_by = record["manifest"], record["run_id"]
         else:
             staged = timed("stage_in", stage_in, spec, aws, run_dir)

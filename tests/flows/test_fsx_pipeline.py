@@ -314,6 +314,11 @@ def test_the_flow_from_anywhere_fans_out_the_manifest_once_results_are_verified(
         monkeypatch.setattr(flows.fsx_staging, "Fsx",
                             lambda target, **kw: Fsx(target, **{**kw, "client": client}))
         summary = flows.pipeline.hpc_pipeline(spec_path=str(world.spec_path), run_id=run_id)
+        from prefect import get_client
+
+        with get_client(sync_client=True) as prefect:  # the stages are tasks of the flow run
+            names = {t.name.rsplit("-", 1)[0] for t in prefect.read_task_runs(limit=200)}
+    assert {"stage_in", "stage_in_fsx", "mpi_run", "publish"} <= names
     assert client.seen == ["IMPORT_METADATA_FROM_REPOSITORY", "EXPORT_TO_REPOSITORY"]
     assert summary["backend"] == "parallelcluster" and summary["computed_by"] == run_id
     assert summary["s3"]["objects"][-1] == f"s3://{world.results}/runs/{run_id}/manifest.json"
@@ -377,3 +382,20 @@ def test_auto_import_is_waited_for_on_the_head_node(aws, local_slurm, tmp_path):
     later.join()
     assert client.seen == ["EXPORT_TO_REPOSITORY"] and staged.path == arrive
     assert world.manifest_in_s3(run_id)
+
+
+def test_the_cli_refuses_a_spec_fitting_neither_way(aws, cli_env, tmp_path):
+    from tests.conftest import run_cli
+
+    world = World(aws, tmp_path)
+    raw = yaml.safe_load(world.spec_path.read_text())
+    raw["storage"]["input_bucket"] = "not-linked-inputs"
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    proc = run_cli(["run", "--spec", str(world.spec_path)], cli_env, tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr and len(lines) == 2, proc.stderr  # the spec's form:
+    assert lines[0].endswith("spec.yaml is invalid:")  # the file, then one line per problem
+    assert "scratch_dir" in lines[1] and "s3://not-linked-inputs/" in lines[1]
+    assert "is under none of its FSx links" in lines[1]
+    assert not (tmp_path / "local").exists()
