@@ -399,3 +399,19 @@ def test_the_cli_refuses_a_spec_fitting_neither_way(aws, cli_env, tmp_path):
     assert "scratch_dir" in lines[1] and "s3://not-linked-inputs/" in lines[1]
     assert "is under none of its FSx links" in lines[1]
     assert not (tmp_path / "local").exists()
+
+
+def test_dry_run_simulates_the_fsx_calls_of_a_staged_run(aws, tmp_path):
+    from flows.planning.dryrun import FSX_ACTIONS, RUN_ACTIONS, run_actions
+
+    world = World(aws, tmp_path)
+    assert run_actions(load_spec(world.spec_path)) == RUN_ACTIONS + FSX_ACTIONS
+    raw = yaml.safe_load(world.spec_path.read_text())
+    raw["scratch_dir"] = world.remote_root
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    assert run_actions(load_spec(world.spec_path)) == RUN_ACTIONS
+    # every FSx action is one IAM knows (the service model's operation, prefixed)
+    ops = set(boto3.session.Session().client(
+        "fsx", region_name="us-east-1", aws_access_key_id="x",
+        aws_secret_access_key="x").meta.service_model.operation_names)
+    assert {a.removeprefix("fsx:") for a in FSX_ACTIONS} <= ops
