@@ -74,6 +74,11 @@ def staging_problem(raw: Mapping[str, Any], *, input_bucket: str, input_keys: Se
     """Why this config cannot stage this spec's data through FSx (None: it can)."""
     layout = fsx_layout(raw)
     if layout is None:
+        existing = any((st.get("FsxLustreSettings") or {}).get("FileSystemId")
+                       for st in raw.get("SharedStorage", []) or [])
+        if existing:  # its associations live outside the config, unknown offline
+            return ("its FSx for Lustre is an existing file system (FileSystemId), whose S3 "
+                    "links clusterflow cannot see in the config yet")
         return ("the cluster config has no FSx for Lustre storage linked to S3 (a "
                 "DataRepositoryAssociation, or ImportPath/ExportPath)")
     for key in input_keys:

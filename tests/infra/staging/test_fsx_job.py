@@ -78,3 +78,8 @@ def test_layouts_of_the_shipped_configs():
     no_fsx = {**od, "SharedStorage": od["SharedStorage"][1:]}
     assert "no FSx for Lustre storage linked to S3" in staging_problem(
         no_fsx, input_keys=["inputs/a.npy"], **common)
+    existing = {**od, "SharedStorage": [{"Name": "fsx", "MountDir": "/fsx", "StorageType":
+                                         "FsxLustre", "FsxLustreSettings": {
+                                             "FileSystemId": "fs-0123456789abcdef0"}}]}
+    assert "an existing file system (FileSystemId)" in staging_problem(
+        existing, input_keys=["inputs/a.npy"], **common)
