@@ -195,7 +195,16 @@ def run_job(spec: PipelineSpec, aws: AwsTarget, provider: Any, run: FsxRun, moun
     ranks = provider.launcher().command(spec.ranks, argv)
     command = [provider.python, "-m", "infra.staging.fsx_job", "--out", out, "--export",
                run.layout.mounted(run.export_fs), "--", *ranks]
-    env = telemetry_env(aws, run_id, spec.storage.results_bucket)
+    submit_and_wait(spec, provider, command, telemetry_env(aws, run_id,
+                                                           spec.storage.results_bucket),
+                    run_dir, logger)
+
+
+def submit_and_wait(spec: PipelineSpec, provider: Any, command: list[str],
+                    env: dict[str, str], run_dir: Path, logger: Any) -> None:
+    """Submit, forward the job's output to the log, resubmit up to ``kernel.retries`` times;
+    a cancelled flow cancels the job. The last failure raises :class:`MpiJobFailed`."""
+    info = spec.kernel_info
     for attempt in range(spec.kernel.retries + 1):
         logger.info("launching on %s%s: %s", provider.label,
                     f" (attempt {attempt + 1})" if attempt else "", " ".join(command))
