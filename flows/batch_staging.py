@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 NODE_ROOT = "/tmp/clusterflow"  # on every node's own disk
 
 
-def uses_batch_stager(spec: PipelineSpec) -> bool:
-    return spec.backend == "batch" and not spec.steps and not spec.reuse_result
-
-
 def run_job(spec: PipelineSpec, aws: AwsTarget, provider: Any, src: Transferred,
             run_dir: Path, run_id: str, logger: Any) -> None:
     info = spec.kernel_info

@@ -1,9 +1,11 @@
-"""Which way a parallelcluster spec reaches the cluster's storage, decided when it is loaded.
+"""Which way a cloud spec's data reaches the ranks, decided when it is loaded.
 
-Either clusterflow runs where the storage is mounted (``scratch_dir`` is ``remote_root``, the
-run directory is shared with the ranks), or it runs anywhere and stages through the cluster's
-FSx for Lustre (``flows.fsx_staging``). A spec fitting neither is refused with what to change.
-No ``flows.spec`` import: the spec's validator calls this.
+On parallelcluster, either clusterflow runs where the storage is mounted (``scratch_dir`` is
+``remote_root``, the run directory is shared with the ranks), or it runs anywhere and stages
+through the cluster's FSx for Lustre (``flows.fsx_staging``); a spec fitting neither is
+refused with what to change. On Batch the job stages its own data (``flows.batch_staging``).
+No ``flows.spec`` import (the spec's validator calls this) and nothing heavy: the pipeline
+imports it on every run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ def shared_mount(spec: Any) -> bool:
 def uses_fsx(spec: Any) -> bool:
     """The parallelcluster backend run from elsewhere: stage through FSx (validated at load)."""
     return spec.backend == "parallelcluster" and not spec.steps and not shared_mount(spec)
+
+
+def uses_batch_stager(spec: Any) -> bool:
+    """A Batch run whose job stages its own data (``flows.batch_staging``)."""
+    return spec.backend == "batch" and not spec.steps and not spec.reuse_result
 
 
 def raw_config(spec: Any) -> dict[str, Any]:

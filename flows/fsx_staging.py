@@ -146,9 +146,13 @@ def npy_shape(aws: AwsTarget, bucket: str, key: str) -> tuple[int, ...]:
 
     head = aws.client("s3").get_object(Bucket=bucket, Key=key, Range="bytes=0-65535")
     f = io.BytesIO(head["Body"].read())
+    fmt = np.lib.format
     try:
-        version = np.lib.format.read_magic(f)
-        shape, _, _ = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version} is not supported here")
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape = read(f)[0]
     except ValueError as e:
         raise IntegrityError(f"the heat input s3://{bucket}/{key} is not a .npy array: {e}"
                              ) from None

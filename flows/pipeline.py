@@ -28,11 +28,9 @@ from event_bridge.topology import AppliedTopology, FanOutTopology
 from event_bridge.topology_cache import ensure_topology
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
-from flows.batch_staging import run_through_batch, uses_batch_stager
 from flows.budget import budget_watch, check_budget
 from flows.errors import MpiJobFailed
-from flows.fsx_checks import uses_fsx
-from flows.fsx_staging import run_through_fsx
+from flows.fsx_checks import uses_batch_stager, uses_fsx
 from flows.joblog import failure_lines, forward
 from flows.run_inputs import grid_for_shape, input_key
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
@@ -344,10 +342,14 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
             budget_watch(spec, spec_path, aws, get_run_logger().warning):
         applied = timed("provision", provision, spec, aws, run_dir)
         if uses_fsx(spec):  # run from anywhere: only the ranks see the cluster's FSx
+            from flows.fsx_staging import run_through_fsx
+
             spec, staged, record, sent = run_through_fsx(
                 spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend, tasks=True)
             manifest, computed_by = record["manifest"], record["run_id"]
         elif uses_batch_stager(spec):  # the stager inside the job (flows.batch_staging)
+            from flows.batch_staging import run_through_batch
+
             spec, staged, record, sent = run_through_batch(
                 spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend, tasks=True)
             manifest, computed_by = record["manifest"], record["run_id"]

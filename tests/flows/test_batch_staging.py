@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.batch_staging import NODE_ROOT, run_through_batch, uses_batch_stager
+from flows.batch_staging import NODE_ROOT, run_through_batch
+from flows.fsx_checks import uses_batch_stager
 from flows.run_inputs import input_key
 from flows.spec import DEFAULT_SPEC, load_spec
 from infra.backends.launchers import find_mpiexec

@@ -415,3 +415,26 @@ def test_dry_run_simulates_the_fsx_calls_of_a_staged_run(aws, tmp_path):
         "fsx", region_name="us-east-1", aws_access_key_id="x",
         aws_secret_access_key="x").meta.service_model.operation_names)
     assert {a.removeprefix("fsx:") for a in FSX_ACTIONS} <= ops
+
+
+def test_an_uploaded_field_sets_the_grid_from_its_header_in_s3(aws, local_slurm, tmp_path):
+    """The grid comes from the .npy header read from S3 (a ranged GET), not a local copy."""
+    from infra.staging.objects import upload
+
+    world = World(aws, tmp_path)
+    field = heat_hotspots(13, 17, seed=5)
+    np.save(tmp_path / "mine.npy", field)
+    upload(aws, tmp_path / "mine.npy", world.inputs, "inputs/uploads/mine.npy")
+    raw = yaml.safe_load(world.spec_path.read_text())
+    raw["kernel"]["input_key"] = "inputs/uploads/mine.npy"
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    run_id = "heat-fsx-upload"
+    with fsx_stub(world, run_id) as client:
+        client.expect("IMPORT_METADATA_FROM_REPOSITORY", ["/inputs/inputs/uploads/mine.npy"])
+        client.expect("EXPORT_TO_REPOSITORY", [f"/results/runs/{run_id}"])
+        spec, _, _, _ = _run(world, local_slurm, client, run_id)
+    p = spec.kernel.parameters
+    assert (p.ny, p.nx) == (13, 17)
+    out = aws.client("s3").get_object(Bucket=world.results,
+                                      Key=f"runs/{run_id}/field.npy")["Body"].read()
+    assert np.array_equal(np.load(io.BytesIO(out)), reference_solution(field, 12, 0.2))
