@@ -26,7 +26,7 @@ from pathlib import Path
 
 from infra.aws.clients import AwsTarget
 from infra.staging.fsx_job import SUMS
-from infra.staging.objects import download, upload
+from infra.staging.objects import download, sha256_file, upload
 
 STAGE_IN, STAGE_OUT = "CLUSTERFLOW_STAGE_IN", "CLUSTERFLOW_STAGE_OUT"
 
@@ -52,11 +52,13 @@ def stage_out(aws: AwsTarget, out_dir: Path, bucket: str, prefix: str) -> dict[s
     manifest = json.loads((out_dir / "manifest.json").read_text())
     sums: dict[str, str] = {}
     for entry in manifest["files"]:
-        sent = upload(aws, out_dir / entry["name"], bucket, prefix + entry["name"])
-        if sent.sha256 != entry["sha256"]:
-            raise SystemExit(f"s3_job: {out_dir / entry['name']} has sha256 {sent.sha256}, "
-                             f"not the manifest's {entry['sha256']}")
-        sums[entry["name"]] = sent.sha256
+        path = out_dir / entry["name"]
+        digest = sha256_file(path)  # before sending: a changed file leaves nothing in S3
+        if digest != entry["sha256"]:
+            raise SystemExit(f"s3_job: {path} has sha256 {digest}, not the manifest's "
+                             f"{entry['sha256']}")
+        # upload() hashes what it sends and fails if the file changes meanwhile.
+        sums[entry["name"]] = upload(aws, path, bucket, prefix + entry["name"]).sha256
     record = {"manifest": manifest, "sha256": sums}
     tmp = out_dir / SUMS
     tmp.write_text(json.dumps(record, indent=2) + "\n")
