@@ -248,10 +248,12 @@ def stage_out_and_publish(spec: PipelineSpec, aws: AwsTarget, staging: FsxRunSta
                           run: FsxRun, run_dir: Path, logger: Any,
                           ) -> tuple[dict[str, Any], list[Transferred]]:
     """Export, verify every result in S3 against the job's sums, then the manifest, last."""
+    kept = (f"; the results stay at {run.layout.mounted(run.export_fs)} on the file system "
+            f"until the cluster is deleted (teardown: {spec.parallelcluster.teardown})")
     try:
         result = staging.export(run.export_fs)
-    except FsxError as e:
-        raise FsxError(" ".join(str(e).split())) from None  # one line, report and paths kept
+    except FsxError as e:  # one line, with the report's location and the failing paths
+        raise FsxError(" ".join(str(e).split()) + kept) from None
     try:
         record = json.loads(staging.read_exported(aws, f"{run.export_fs}/{SUMS}"))
     except ValueError as e:
@@ -260,7 +262,10 @@ def stage_out_and_publish(spec: PipelineSpec, aws: AwsTarget, staging: FsxRunSta
     if {f["name"]: f["sha256"] for f in manifest["files"]} != sums:
         raise VerifyError(f"the exported {SUMS} disagrees with the kernel's manifest")
     files = [{"name": n, "sha256": h} for n, h in sums.items()]
-    where = staging.verify(aws, run.export_fs, files, result.task_id)
+    try:
+        where = staging.verify(aws, run.export_fs, files, result.task_id)
+    except VerifyError as e:
+        raise VerifyError(f"{e}{kept}") from None
     bucket = spec.storage.results_bucket
     sent = []
     for f, src, entry in zip(files, where, manifest["files"], strict=True):

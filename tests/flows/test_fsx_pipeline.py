@@ -254,6 +254,7 @@ def test_a_failed_export_fails_the_run_naming_the_report_and_paths(aws, local_sl
     assert "\n" not in msg
     assert f"full report under s3://{world.results}/clusterflow-fsx-reports/{run_id}" in msg
     assert f"/results/runs/{run_id}/field.npy: S3AccessDenied" in msg
+    assert f"the results stay at {world.mount}/results/runs/{run_id} on the file system" in msg
     assert not world.manifest_in_s3(run_id)
 
 
