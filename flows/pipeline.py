@@ -22,7 +22,6 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import ValidationError
 
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology
@@ -30,8 +29,10 @@ from event_bridge.topology_cache import ensure_topology
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
+from flows.errors import MpiJobFailed
+from flows.fsx_checks import uses_batch_stager, uses_fsx
 from flows.joblog import failure_lines, forward
-from flows.resource_checks import check_resources
+from flows.run_inputs import grid_for_shape, input_key
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import aws_target, state_dir
@@ -43,10 +44,6 @@ from infra.staging.objects import IntegrityError, Transferred, download, exists,
 from infra.telemetry.job import telemetry_env
 
 MANIFEST = "manifest.json"
-
-
-class MpiJobFailed(RuntimeError):
-    """The MPI job exited non-zero; the message carries the failing rank's own error."""
 
 
 def new_run_id(spec: PipelineSpec) -> str:
@@ -88,13 +85,6 @@ def provision(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> AppliedTopol
     return applied
 
 
-def input_key(spec: PipelineSpec) -> str:
-    """The S3 key of the kernel's input: the spec's own, or the generated sample's."""
-    if spec.kernel.input_key:
-        return spec.kernel.input_key
-    return spec.storage.input_prefix + spec.kernel_info.input_key(spec.kernel.parameters)
-
-
 def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
     """A heat spec with its grid set to an uploaded field's shape (re-validated: ranks fit).
 
@@ -108,23 +98,7 @@ def grid_from_input(spec: PipelineSpec, path: Path) -> PipelineSpec:
         field = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
         raise SpecError(f"the heat input {path.name} is not a .npy array: {e}") from None
-    if field.ndim not in (2, 3):
-        raise SpecError(f"the heat input must be 2D (ny, nx) or 3D (nz, ny, nx), got shape "
-                        f"{field.shape}")
-    raw = spec.model_dump()
-    shape = dict(zip(("ny", "nx") if field.ndim == 2 else ("nz", "ny", "nx"),
-                     (int(n) for n in field.shape), strict=True))
-    if field.ndim == 2:
-        shape["nz"] = None
-    raw["kernel"]["parameters"].update(shape)
-    try:
-        sized = PipelineSpec.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(f"the input {path.name} does not fit the spec: {e}") from None
-    # The uploaded grid, not the spec's, decides the memory the ranks need.
-    check_resources("heat", sized.kernel.parameters, sized.ranks, sized.backend,
-                    local=sized.local, where=f"the input {path.name}")
-    return sized
+    return grid_for_shape(spec, tuple(field.shape), path.name)
 
 
 @task(name="stage_in", cache_policy=NO_CACHE)
@@ -367,25 +341,38 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     with aws_target(spec.aws, spec.region) as aws, \
             budget_watch(spec, spec_path, aws, get_run_logger().warning):
         applied = timed("provision", provision, spec, aws, run_dir)
-        staged = timed("stage_in", stage_in, spec, aws, run_dir)
-        if spec.kernel.input_key is not None:
-            spec = grid_from_input(spec, staged.path)
-        # Only a reusable result needs its record stored.
-        run = (mpi_run if spec.reuse_result else mpi_run_uncached).with_options(
-            retries=spec.kernel.retries)
-        record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
-        manifest, computed_by = record["manifest"], record["run_id"]
-        if computed_by != run_id:  # a cached record: the outputs are an earlier run's
-            try:
-                timed("fetch_result", fetch_result, spec, aws, computed_by, manifest,
-                      run_dir / "out")
-            except (ClientError, IntegrityError) as e:
-                get_run_logger().warning("cannot reuse run %s (%s); computing again",
-                                         computed_by, e)
-                record = timed("mpi_run", run.with_options(refresh_cache=True), spec, aws,
-                               staged.path, staged.sha256, run_dir, run_id)
-                manifest, computed_by = record["manifest"], record["run_id"]
-        sent = timed("publish", publish, spec, aws, run_id, run_dir / "out", manifest)
+        if uses_fsx(spec):  # run from anywhere: only the ranks see the cluster's FSx
+            from flows.fsx_staging import run_through_fsx
+
+            spec, staged, record, sent = run_through_fsx(
+                spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend, tasks=True)
+            manifest, computed_by = record["manifest"], record["run_id"]
+        elif uses_batch_stager(spec):  # the stager inside the job (flows.batch_staging)
+            from flows.batch_staging import run_through_batch
+
+            spec, staged, record, sent = run_through_batch(
+                spec, aws, run_dir, run_id, get_run_logger(), timed, open_backend, tasks=True)
+            manifest, computed_by = record["manifest"], record["run_id"]
+        else:
+            staged = timed("stage_in", stage_in, spec, aws, run_dir)
+            if spec.kernel.input_key is not None:
+                spec = grid_from_input(spec, staged.path)
+            # Only a reusable result needs its record stored.
+            run = (mpi_run if spec.reuse_result else mpi_run_uncached).with_options(
+                retries=spec.kernel.retries)
+            record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
+            manifest, computed_by = record["manifest"], record["run_id"]
+            if computed_by != run_id:  # a cached record: the outputs are an earlier run's
+                try:
+                    timed("fetch_result", fetch_result, spec, aws, computed_by, manifest,
+                          run_dir / "out")
+                except (ClientError, IntegrityError) as e:
+                    get_run_logger().warning("cannot reuse run %s (%s); computing again",
+                                             computed_by, e)
+                    record = timed("mpi_run", run.with_options(refresh_cache=True), spec, aws,
+                                   staged.path, staged.sha256, run_dir, run_id)
+                    manifest, computed_by = record["manifest"], record["run_id"]
+            sent = timed("publish", publish, spec, aws, run_id, run_dir / "out", manifest)
         manifest_key = f"{spec.storage.results_prefix}{run_id}/{MANIFEST}"
         queues = timed("consume", consume, aws, applied, manifest_key)
         endpoint = aws.label

@@ -200,13 +200,13 @@ class PipelineSpec(_Strict):
             raise ValueError(f"backend '{self.backend}' needs a '{self.backend}:' section "
                              f"(see cluster_configs/ and the README)")
         if self.backend == "parallelcluster":
-            # Ranks read and write the run directory by the same path as this process: run
-            # clusterflow where the cluster's shared storage is mounted (the head node).
-            root = Path(self.parallelcluster.remote_root)
-            if self.scratch_dir.resolve() != root:
-                raise ValueError(
-                    f"scratch_dir ({self.scratch_dir}) must be the cluster's shared storage "
-                    f"parallelcluster.remote_root ({root}) so the ranks see the run directory")
+            # Either the run directory is the cluster's shared storage (clusterflow runs on
+            # the head node), or the data stages through the cluster's FSx (flows.fsx_staging).
+            from flows.fsx_checks import fsx_refusal
+
+            problem = fsx_refusal(self)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @property

@@ -39,6 +39,10 @@ RUN_ACTIONS = [
     "sqs:GetQueueAttributes", "sqs:SetQueueAttributes", "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
 ]
+# What a parallelcluster run staged through FSx adds (flows.fsx_staging; the SSM calls of the
+# visibility check are the backend's own).
+FSX_ACTIONS = ["fsx:DescribeFileSystems", "fsx:CreateDataRepositoryTask",
+               "fsx:DescribeDataRepositoryTasks"]
 
 
 @dataclass
@@ -97,7 +101,7 @@ def checks(spec: PipelineSpec, spec_path: Path, aws: AwsTarget) -> tuple[list[Ch
     if spec.batch is not None:
         out += _batch(spec, aws)
     if caller:
-        out.append(_simulate(aws, _principal_arn(caller["Arn"])))
+        out.append(_simulate(aws, _principal_arn(caller["Arn"]), run_actions(spec)))
     return out, plan
 
 
@@ -149,10 +153,17 @@ def _batch(spec: PipelineSpec, aws: AwsTarget) -> list[Check]:
     return [Check("batch account look-ups", "ok", f"{spec.batch.config} against {cfg.region}")]
 
 
-def _simulate(aws: AwsTarget, principal: str) -> Check:
+def run_actions(spec: PipelineSpec) -> list[str]:
+    """The IAM actions the run will call from where clusterflow runs."""
+    from flows.fsx_checks import uses_fsx
+
+    return RUN_ACTIONS + (FSX_ACTIONS if uses_fsx(spec) else [])
+
+
+def _simulate(aws: AwsTarget, principal: str, actions: list[str]) -> Check:
     try:
         got = aws.client("iam").simulate_principal_policy(PolicySourceArn=principal,
-                                                          ActionNames=RUN_ACTIONS)
+                                                          ActionNames=actions)
     except (ClientError, BotoCoreError) as e:
         return Check("iam policy simulation", "unchecked", _aws_error(e))
     except Exception as e:  # noqa: BLE001 - an endpoint without the API answers a 500 page
@@ -162,7 +173,7 @@ def _simulate(aws: AwsTarget, principal: str) -> Check:
               if r.get("EvalDecision") != "allowed"]
     if denied:
         return Check("iam policy simulation", "failed", "denied: " + ", ".join(denied))
-    return Check("iam policy simulation", "ok", f"{len(RUN_ACTIONS)} actions allowed")
+    return Check("iam policy simulation", "ok", f"{len(actions)} actions allowed")
 
 
 def dry_run(spec: PipelineSpec, spec_path: Path, as_json: bool) -> int:

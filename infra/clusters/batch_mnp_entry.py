@@ -12,6 +12,9 @@ Batch starts the main node first and gives every node ``AWS_BATCH_JOB_NODE_INDEX
   writes the hostfile (itself first), runs ``mpirun --hostfile H -n N [args] COMMAND``, tells
   every child the job is over, and exits with mpirun's exit code (which is the job's status:
   Batch takes it from the main node).
+- inputs/results (``$CLUSTERFLOW_STAGE_IN`` / ``$CLUSTERFLOW_STAGE_OUT``, set by the pipeline):
+  every node downloads the inputs (``python -m infra.staging.s3_job in``) before it joins; the
+  main node uploads the results with their sums after mpirun succeeded (``... out``).
 - child node: optionally starts sshd (mpirun reaches the children over ssh; the image provides
   the key), registers with the main node, then waits for "done" (or the main node going away)
   and exits 0. Batch stops the children when the main node exits anyway.
@@ -50,6 +53,19 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
+def stage(direction: str) -> int:
+    """``infra.staging.s3_job`` when the job's environment asks for it (else nothing): inputs
+    onto this node before the ranks start, results to S3 after they succeeded. A subprocess,
+    so this script itself stays standard-library only."""
+    if not os.environ.get("CLUSTERFLOW_STAGE_IN" if direction == "in" else
+                          "CLUSTERFLOW_STAGE_OUT"):
+        return 0
+    rc = subprocess.call([sys.executable, "-m", "infra.staging.s3_job", direction])
+    if rc:
+        log(f"staging {direction} failed with exit code {rc}")
+    return rc
+
+
 def own_address() -> str:
     if os.environ.get("CLUSTERFLOW_NODE_IP"):
         return os.environ["CLUSTERFLOW_NODE_IP"]
@@ -80,6 +96,9 @@ def run_main(args: argparse.Namespace, num_nodes: int) -> int:
     if not args.command:
         log("no command after '--': nothing to run")
         return 2
+    rc = stage("in")
+    if rc:
+        return rc
     me = own_address()
     hosts = [(me, slots(args))]
     children: list[socket.socket] = []
@@ -125,7 +144,7 @@ def run_main(args: argparse.Namespace, num_nodes: int) -> int:
                 pass
             c.close()
     log(f"mpirun exited with {rc}")
-    return rc
+    return rc or stage("out")
 
 
 def run_child(args: argparse.Namespace) -> int:
@@ -133,6 +152,9 @@ def run_child(args: argparse.Namespace) -> int:
     if not main_ip:
         raise SystemExit("AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS is not set on a child "
                          "node")
+    rc = stage("in")  # every node reads its own verified copy of the inputs
+    if rc:
+        return rc
     if args.start_sshd:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         subprocess.check_call([sshd])

@@ -160,12 +160,34 @@ class FsxRunStaging:
 
         ``files``: the manifest's entries (``name``, ``sha256``), relative to ``out_dir``.
         """
+        result = self.export(out_dir)
+        self.verify(aws, out_dir, files, result.task_id)
+        return result
+
+    def export(self, out_dir: str) -> TaskResult:
+        """EXPORT_TO_REPOSITORY scoped to ``out_dir``; a failure names the report and paths."""
         result = self.fsx.export(self.fs_id, [out_dir], self.report_path)
-        self.progress(f"exported {result.succeeded} file(s) with task {result.task_id}")
+        self.progress(f"exported {result.succeeded} file(s) from {out_dir} with task "
+                      f"{result.task_id}")
+        return result
+
+    def read_exported(self, aws: Any, fs_path: str) -> bytes:
+        """The bytes an export put in S3 for ``fs_path`` (a missing object is VerifyError)."""
+        bucket, key = self._s3_of(fs_path)
         s3 = aws.client("s3")
-        problems = []
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            raise VerifyError(f"s3://{bucket}/{key} is missing after the export") from None
+
+    def verify(self, aws: Any, out_dir: str, files: Sequence[Mapping[str, Any]],
+               task_id: str) -> list[tuple[str, str]]:
+        """Each file's sha256 in S3 against ``files``; returns their (bucket, key)."""
+        s3 = aws.client("s3")
+        problems, where_all = [], []
         for f in files:
             where = self._s3_of(f"{out_dir.rstrip('/')}/{f['name']}")
+            where_all.append(where)
             try:
                 body = s3.get_object(Bucket=where[0], Key=where[1])["Body"]
             except s3.exceptions.NoSuchKey:
@@ -178,9 +200,9 @@ class FsxRunStaging:
                 problems.append(f"s3://{where[0]}/{where[1]} has sha256 {digest.hexdigest()}, "
                                 f"not the manifest's {f['sha256']}")
         if problems:
-            raise VerifyError(f"export task {result.task_id} succeeded but "
+            raise VerifyError(f"export task {task_id} succeeded but "
                               f"{len(problems)} result(s) do not match: " + "; ".join(problems))
-        return result
+        return where_all
 
     def _s3_of(self, fs_path: str) -> tuple[str, str]:
         # An export path (SCRATCH) wins over the import path it usually sits beside.
