@@ -27,7 +27,13 @@ from pathlib import Path
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import ProviderUnavailable
-from infra.backends.providers.spot import attempts_file, requeue_guard
+from infra.backends.providers.spot import (
+    Interruptions,
+    attempts_file,
+    attempts_of,
+    read_interruptions,
+    requeue_guard,
+)
 from infra.backends.shell_safety import export_line, reject_control_chars, render_command
 
 LAUNCHERS = ("srun", "mpiexec")
@@ -225,7 +231,7 @@ class SlurmProvider(ExecutionProvider):
             cmd.append(f"--time={self.time_limit}")
         if self.overcommit:
             cmd.append("--overcommit")
-        if requeue:  # only single jobs: their script carries the max_interruptions guard
+        if requeue:  # the script carries the max_interruptions guard (spot.requeue_guard)
             cmd += ["--requeue", "--open-mode=append"]
         return [*cmd, *self.sbatch_args, str(script)]
 
@@ -291,7 +297,7 @@ class SlurmProvider(ExecutionProvider):
         indices = ",".join(str(i.index) for i in items)
         sbatch = self.sbatch_command(ranks=ranks, job_name=job_name, workdir=workdir,
                                      stdout=logs / "%a.out", stderr=logs / "%a.err",
-                                     script=script)
+                                     script=script, requeue=self.requeue)
         # sbatch_command doubles '%' for literal paths; the array's %a must stay a pattern.
         sbatch = [a.replace("%%a.", "%a.") for a in sbatch]
         sbatch.insert(-1, f"--array={indices}%{max_parallel}")
@@ -300,6 +306,8 @@ class SlurmProvider(ExecutionProvider):
                  f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
             lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
+        if self.requeue:  # bounded and recorded per element: logs/<index>.attempts
+            lines += requeue_guard(logs, self.max_interruptions, array_dir=True)
         lines.append('case "$SLURM_ARRAY_TASK_ID" in')
         for item in items:
             exports = "".join(f"{export_line(k, v)}; " for k, v in item.env.items())
@@ -315,6 +323,7 @@ class SlurmProvider(ExecutionProvider):
             out, err = logs / f"{item.index}.out", logs / f"{item.index}.err"
             out.write_bytes(b"")
             err.write_bytes(b"")
+            attempts_of(out).unlink(missing_ok=True)
             handles.append((item.index, out, err))
         self.ping()
         proc = self._slurm(*sbatch)
@@ -383,6 +392,11 @@ class SlurmProvider(ExecutionProvider):
             return None
         _, state, code = rows[-1]
         return _status(state, _exit_code(code))
+
+    def interruptions(self, job: JobHandle) -> Interruptions:
+        """Requeues the job (or array element) went through and the time its interrupted
+        attempts ran, from the attempts record its script keeps (none without requeue)."""
+        return read_interruptions(attempts_of(job.stdout))
 
     def cancel(self, job: JobHandle) -> None:
         """``scancel``, then wait until the job and every one of its processes are gone."""

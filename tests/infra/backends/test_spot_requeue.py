@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from infra.backends.providers.spot import (
 )
 from infra.clusters.slurm_local.cluster import LocalSlurm
 from mpi_jobs.catalog import KERNELS, HeatParameters
+from tests.infra.backends.test_spot_array_requeue import reclaim
 from tests.slurm_fixtures import ensure_local_slurm
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,10 +66,7 @@ def _run(work: Path, *, requeue_at: int | None, max_interruptions: int = 2,
     while True:
         status = provider.status(job)
         if requeue_at is not None and _newest_step(work / "ck") >= requeue_at:
-            env = os.environ | {"SLURM_CONF": str(provider.slurm_conf)}
-            got = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True,
-                                 text=True, env=env)
-            assert got.returncode == 0, got.stderr
+            reclaim(job.job_id, os.environ | {"SLURM_CONF": str(provider.slurm_conf)})
             requeue_at = None
         if status.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
             return status.state, job.job_id, work
