@@ -74,6 +74,37 @@ def reclaim(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
     assert got.returncode == 0, got.stderr
 
 
+def reclaim_node(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
+    """The node under the job goes DOWN (what ParallelCluster does to a reclaimed Spot
+    node): Slurm kills every job on it and requeues the requeue-able ones. The node is then
+    back (the local slurmd re-registers at once, else it is resumed) and the hold is lifted
+    as in ``reclaim``."""
+    def show() -> str:
+        return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                              text=True, env=env).stdout
+
+    node = show().split(" NodeList=")[1].split()[0]
+    got = subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN",
+                          "Reason=clusterflow test: spot reclaim"], capture_output=True,
+                         text=True, env=env)
+    assert got.returncode == 0, got.stderr
+    lost = time.monotonic()
+    deadline = lost + timeout
+    while "JobState=PENDING" not in (text := show()):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
+    assert "Restarts=1" in text, text
+    state = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                           text=True, env=env).stdout.strip()
+    if state.startswith("down"):
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                       capture_output=True, text=True, env=env, check=True)
+    time.sleep(max(0.0, lost + 2.5 - time.monotonic()))
+    got = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                         capture_output=True, text=True, env=env)
+    assert got.returncode == 0, got.stderr
+
+
 def _items(work: Path) -> list[ArrayItem]:
     items = []
     for index, params in POINTS.items():
