@@ -57,6 +57,14 @@ class _Guarded:
         self._dog.jobs.append((self._inner, job))
         return job
 
+    def submit_array(self, *args: Any, **kwargs: Any) -> list[Job]:
+        """A sweep's Slurm job array: every element is cancelled with the run's other jobs."""
+        if self._dog.tripped:
+            raise BudgetExceeded(self._dog.message)
+        jobs = self._inner.submit_array(*args, **kwargs)  # type: ignore[attr-defined]
+        self._dog.jobs.extend((self._inner, job) for job in jobs)
+        return list(jobs)
+
 
 class Watchdog:
     """Elapsed x rate against ``max_usd``, checked every ``interval`` seconds in a thread."""

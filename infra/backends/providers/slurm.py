@@ -58,6 +58,9 @@ _TIME_LIMIT_RE = re.compile(
     r"|\d+-\d+:\d{1,2}:\d{1,2})$")
 _DOES_NOT_FIT = ("Requested node configuration is not available",
                  "More processors requested than permitted", "Node count specification invalid")
+# ArrayTaskId of the one record left for an array whose elements all ended unsplit
+# (Slurm's NO_VAL - 1).
+WHOLE_ARRAY = "4294967294"
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                 "Connection refused", "Zero Bytes were transmitted")
 
@@ -351,6 +354,11 @@ class SlurmProvider(ExecutionProvider):
                             continue
                         st = _status(f["JobState"], _exit_code(f.get("ExitCode", "")),
                                      f.get("Reason", ""))
+                        if f["ArrayTaskId"] == WHOLE_ARRAY:
+                            # Every element ended before the array was split (scancel of a
+                            # pending array): one record speaks for all of them.
+                            states[-1] = st
+                            continue
                         for idx in _array_indices(f["ArrayTaskId"]):
                             states[idx] = st
                 elif "Invalid job id" not in proc.stderr:
@@ -358,7 +366,10 @@ class SlurmProvider(ExecutionProvider):
                                      f"{proc.stderr.strip()}")
                 cached = (time.monotonic(), states)
                 self._array_cache[array_id] = cached
-            return cached[1].get(index)
+            found = cached[1].get(index)
+            whole = cached[1].get(-1)
+            return whole if found is None and whole is not None and whole.state.terminal \
+                else found
 
     def status(self, job: JobHandle) -> JobStatus:
         array_id, _, index = job.job_id.partition("_")
@@ -372,7 +383,7 @@ class SlurmProvider(ExecutionProvider):
             if "JobState" in fields:
                 return _status(fields["JobState"], _exit_code(fields.get("ExitCode", "")),
                                fields.get("Reason", ""))
-        elif "Invalid job id" not in proc.stderr:
+        elif not any(s in proc.stderr + proc.stdout for s in ("Invalid job id", "not found")):
             raise SlurmError(f"scontrol show job {job.job_id} failed: {proc.stderr.strip()}")
         # The controller no longer holds the job (MinJobAge passed, or it was restarted
         # without its state): the completion log still knows how it ended.
