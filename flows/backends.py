@@ -30,6 +30,17 @@ def slurm_provider(spec: PipelineSpec) -> ExecutionProvider:
                          requeue=o.requeue, max_interruptions=o.max_interruptions)
 
 
+def requeues(spec: PipelineSpec, backend: str) -> bool:
+    """Whether a job on ``backend`` runs its script again after a Spot reclaim (slurm with
+    ``requeue``, a ParallelCluster SPOT queue), so its kernel must always start with
+    ``--restart`` and resume from its newest checkpoint."""
+    if backend == "slurm":
+        return spec.slurm.requeue
+    if backend == "parallelcluster" and spec.parallelcluster is not None:
+        return spec.parallelcluster.spot
+    return False
+
+
 @contextlib.contextmanager
 def open_backend(spec: PipelineSpec, aws: AwsTarget, logger: Any) -> Iterator[ExecutionProvider]:
     """The spec's provider; cloud backends create what they need on entry (a cluster, a Batch

@@ -32,13 +32,29 @@ __all__ = ["Budget", "BudgetExceeded", "Watchdog", "budget_watch", "check_budget
 
 
 def run_estimate(spec: PipelineSpec, spec_path: Path | str,
-                 prices_path: Path | str | None = None) -> Estimate:
+                 prices_path: Path | str | None = None, *, live: bool | None = None,
+                 clients: Any = None) -> Estimate:
+    """The run's estimate from the table (``prices_path``, else ``budget.prices``, else the
+    shipped one); with ``live`` (default: ``budget.live_prices``) instance prices are AWS's
+    current ones where AWS answers (``infra.clusters.live_prices``), the table's elsewhere,
+    and ``price_notes`` says which. ``clients``: (service, region) -> client, for tests."""
     from flows.planning.estimate import estimate_spec
     from infra.clusters.prices import load_prices
 
     if prices_path is None and spec.budget is not None:
         prices_path = spec.budget.prices
-    return estimate_spec(spec, spec_path, load_prices(prices_path))
+    if live is None:
+        live = spec.budget is not None and spec.budget.live_prices
+    table = load_prices(prices_path)
+    if not live:
+        return estimate_spec(spec, spec_path, table)
+    from infra.clusters.live_prices import aws_clients, instance_types_priced, live_table
+
+    wanted = instance_types_priced(lambda t: estimate_spec(spec, spec_path, t))
+    got = live_table(table, wanted, clients or aws_clients())
+    est = estimate_spec(spec, spec_path, got.table)
+    est.price_notes = got.notes
+    return est
 
 
 def check_budget(spec: PipelineSpec, spec_path: Path | str) -> Estimate | None:

@@ -78,6 +78,13 @@ def _steps_summary(result: dict[str, Any]) -> None:
                           f"{p['seconds']:.2f}" if p.get("seconds") is not None else "-",
                           escape(main), style=style)
     out.print(table)
+    for name, step in result["steps"].items():  # requeues after a Spot reclaim, per point
+        for p in step["points"]:
+            if p.get("spot"):
+                where = f"{name}/{p['point']}" if p["point"] else name
+                out.print(f"interrupted       {where}: {p['spot']['interruptions']} time(s), "
+                          f"{p['spot']['seconds_lost']:.1f} s in interrupted attempts",
+                          markup=False)
     out.print(f"manifest          {result['s3']['manifest']} sha256 {result['result_sha256']}")
     out.print(f"scratch           {result['scratch_dir']}")
     for q, r in result["fanout"]["queues"].items():

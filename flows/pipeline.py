@@ -27,7 +27,7 @@ from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology
 from event_bridge.topology_cache import ensure_topology
 from flows.artifacts import publish_run_artifacts
-from flows.backends import open_backend, slurm_provider
+from flows.backends import open_backend, requeues, slurm_provider
 from flows.budget import budget_watch, check_budget
 from flows.errors import MpiJobFailed
 from flows.fsx_checks import uses_batch_stager, uses_fsx
@@ -39,7 +39,7 @@ from infra.aws.embedded import aws_target, state_dir
 from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
-from infra.backends.providers.spot import attempts_file, read_interruptions
+from infra.backends.providers.spot import job_interruptions
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 from infra.telemetry.job import telemetry_env
 
@@ -160,7 +160,7 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
     out_dir = run_dir / "out"
     checkpoints = run_dir / "checkpoints" if spec.kernel.checkpoint_every else None
     # With requeue (Spot) the same script runs again after a reclaim: it must always resume.
-    restart = checkpoints is not None and (spec.slurm.requeue and spec.backend == "slurm" or (
+    restart = checkpoints is not None and (requeues(spec, spec.backend) or (
         checkpoints.is_dir() and any(checkpoints.iterdir())))
     argv = python_module(info.module, *info.argv(
         spec.kernel.parameters, input_path, out_dir, checkpoint_dir=checkpoints,
@@ -192,7 +192,7 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
             f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
             f"{failure_lines(job.stderr.read_text(errors='replace'))}"
         )
-    spot = read_interruptions(attempts_file(run_dir, info.name)).as_dict()
+    spot = job_interruptions(provider, job) or {"interruptions": 0, "seconds_lost": 0.0}
     return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),
             "spot": spot}
 

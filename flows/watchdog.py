@@ -30,6 +30,9 @@ class Budget(NoControlChars):
         None, ge=0, description="price the whole run at this rate (USD per hour of wall time) "
         "instead of the price table: for a backend without an AWS price, or your own rate")
     prices: Path | None = Field(None, description="price table instead of the shipped one")
+    live_prices: bool = Field(False, description="price instances with AWS's current "
+                              "On-Demand (Price List API) and Spot prices, falling back to "
+                              "the table (needs AWS credentials)")
     check_seconds: float = Field(30.0, gt=0, le=3600,
                                  description="how often the watchdog compares spend to max_usd")
 
@@ -53,6 +56,14 @@ class _Guarded:
         job = self._inner.submit(*args, **kwargs)
         self._dog.jobs.append((self._inner, job))
         return job
+
+    def submit_array(self, *args: Any, **kwargs: Any) -> list[Job]:
+        """A sweep's Slurm job array: every element is cancelled with the run's other jobs."""
+        if self._dog.tripped:
+            raise BudgetExceeded(self._dog.message)
+        jobs = self._inner.submit_array(*args, **kwargs)  # type: ignore[attr-defined]
+        self._dog.jobs.extend((self._inner, job) for job in jobs)
+        return list(jobs)
 
 
 class Watchdog:

@@ -57,12 +57,16 @@ def _target(spec: PipelineSpec, offline: bool) -> Iterator[tuple[Any, str, str, 
 
 
 def build(spec: PipelineSpec, spec_path: Path, prices: Path | None,
-          offline: bool, aws: Any = None) -> dict[str, Any]:
-    """The plan as a dict (``--json``); ``aws``: check against this target instead."""
+          offline: bool, aws: Any = None, *, live: bool = False,
+          clients: Any = None) -> dict[str, Any]:
+    """The plan as a dict (``--json``); ``aws``: check against this target instead;
+    ``live``: instance prices from AWS (``clients`` makes the clients, for tests)."""
     from flows.budget import run_estimate
     from flows.planning.resources import inventory
 
-    est = run_estimate(spec, spec_path, prices)
+    est = run_estimate(spec, spec_path, prices, live=live and not offline, clients=clients)
+    if live and offline:
+        est.price_notes.insert(0, "live prices not read (--offline): the table's prices")
     if aws is not None:
         resources, reason, label, fresh = inventory(spec, aws), "", aws.label, False
     else:
@@ -114,7 +118,10 @@ def render(plan: dict[str, Any]) -> None:
     out.print(f"[bold]estimate {_money(est['usd'])} USD[/] (all On-Demand "
               f"{_money(est['usd_on_demand'])} USD), wall time {wall}, at most "
               f"{est['usd_per_hour']:.4f} USD/h")
-    out.print(f"prices as of {est['prices_as_of']} from {escape(est['prices_source'])}")
+    out.print(f"prices as of {escape(est['prices_as_of'])} from "
+              f"{escape(est['prices_source'])}")
+    for n in est.get("price_notes", []):
+        out.print(f"  prices: {escape(n)}")
     for a in est["assumptions"]:
         out.print(f"  assumes: {escape(a)}")
     for u in est["unknown"]:
@@ -134,13 +141,16 @@ def register(app: typer.Typer) -> None:
             help="Price table JSON instead of the shipped one (same shape).")] = None,
         offline: Annotated[bool, typer.Option(
             help="Check nothing against an endpoint; say what could not be checked.")] = False,
+        live: Annotated[bool, typer.Option(
+            help="Instance prices from AWS now (Price List API, Spot price history), the "
+                 "table's where AWS does not answer; needs AWS credentials.")] = False,
     ) -> None:
         """What a run would create, reuse and delete, and what it would cost; creates nothing."""
         from infra.clusters.prices import PriceError
 
         try:
             loaded = load_spec(spec)
-            result = build(loaded, spec, prices, offline)
+            result = build(loaded, spec, prices, offline, live=live)
         except (SpecError, PriceError) as e:
             err.print(f"[red]error:[/] {e}", highlight=False, markup=False)
             raise typer.Exit(2) from None

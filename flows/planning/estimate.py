@@ -94,6 +94,7 @@ class Estimate:
     unpriced: list[str] = field(default_factory=list)  # what the price table lacks
     prices_as_of: str = ""
     prices_source: str = ""
+    price_notes: list[str] = field(default_factory=list)  # live prices: what came from where
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +112,18 @@ def _step_hours(spec: PipelineSpec, step: StepSpec, backend: str) -> tuple[float
         if minutes:
             return minutes / 60, f"{spec.batch.config} timeout_minutes ({minutes})"
     return None, ""
+
+
+def _interruption_reruns(spec: PipelineSpec, backend: str) -> int:
+    """Re-runs a job may get after its instance goes away (0 where nothing requeues)."""
+    if backend == "parallelcluster" and spec.parallelcluster is not None \
+            and spec.parallelcluster.spot:
+        return spec.parallelcluster.max_interruptions
+    if backend == "batch" and spec.batch is not None:
+        from infra.clusters.batch_config import load_batch_config
+
+        return load_batch_config(spec.batch.config).interruptions_allowed
+    return 0
 
 
 def _parallel(plan: Plan, step: StepSpec, points: int) -> int:
@@ -254,6 +267,12 @@ def estimate(spec: PipelineSpec, plan: Plan, prices: PriceTable,
                 why += f" x {1 + step.retries} attempts (retries: {step.retries})"
             line.hours = hours if line.hours is not None else None
             est.assumptions.append(f"step {name}: {hours:g} h per point from {why}")
+            reruns = _interruption_reruns(spec, backend)
+            if reruns and not free:
+                est.assumptions.append(
+                    f"step {name}: not included: up to {reruns} re-run(s) after instance loss "
+                    f"(max_interruptions), each resuming from the newest checkpoint; without "
+                    f"checkpoints each may cost the step's hours again")
         line.finish(od_rate)
         if free:  # this machine's CPUs: nothing is billed, however long it runs
             line.usd = line.usd_on_demand = 0.0

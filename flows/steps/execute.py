@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.backends import requeues
 from flows.joblog import failure_lines, forward
 from flows.steps.graph import Plan, Point
 from flows.steps.inputs import (
@@ -34,6 +35,7 @@ from infra.aws.clients import AwsTarget
 from infra.backends.launchers import python_module
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
+from infra.backends.providers.spot import job_interruptions
 from infra.staging.objects import IntegrityError, download, sha256_file, upload
 from infra.telemetry.job import telemetry_env
 from mpi_jobs.catalog import KERNELS
@@ -145,8 +147,8 @@ def _kernel_argv(run: StepRun, step: StepSpec, point: Point, inputs: dict[str, P
     else:
         source = _generated_input(run, info, params, work)
     checkpoints = work / "checkpoints" if step.checkpoint_every else None
-    # With slurm.requeue a reclaimed job's script runs again: it must resume on its own.
-    requeued = run.spec.slurm.requeue and run.backend_of(step) == "slurm"
+    # With requeue (Spot) a reclaimed job's script runs again: it must resume on its own.
+    requeued = requeues(run.spec, run.backend_of(step))
     restart = checkpoints is not None and (requeued or (checkpoints.is_dir()
                                                         and any(checkpoints.iterdir())))
     return python_module(info.module, *info.argv(
@@ -243,6 +245,9 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
         attempt["seconds"] = round(time.perf_counter() - t0, 3)
         raise PointFailed(f"{point.task_name}: {e}") from None
     attempt["seconds"] = round(time.perf_counter() - t0, 3)
+    spot = job_interruptions(provider, job)
+    if spot and spot["interruptions"]:  # requeues after a reclaim, and the compute they lost
+        attempt["spot"] = spot
     if status.state is not JobState.COMPLETED:
         raise PointFailed(f"{point.task_name} on {ranks} rank(s) {status.state.value} "
                           f"({status.message}): {_tail(job.stderr) or _tail(job.stdout)}")
@@ -252,6 +257,8 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
               "input_sha256": digest(identity), "out_dir": str(out),
               "s3_prefix": run.results_prefix(run.run_id, point),
               "files": collect_outputs(step, out)}
+    if "spot" in attempt:
+        record["spot"] = attempt["spot"]
     own = out / RUN_MANIFEST
     if own.is_file():
         try:

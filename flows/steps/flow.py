@@ -59,7 +59,7 @@ def run_events_publisher(aws: AwsTarget, run_id: str, logger: Any) -> Any:
 
 def point_view(result: dict[str, Any]) -> dict[str, Any]:
     """A point as the summary and the manifest show it."""
-    keys = ("state", "backend", "job_id", "ranks", "seconds", "computed_by", "error")
+    keys = ("state", "backend", "job_id", "ranks", "seconds", "computed_by", "error", "spot")
     view = {"point": result["label"], "params": result["params"],
             **{k: result.get(k) for k in keys if result.get(k) is not None}}
     view["outputs"] = [{"name": f["name"], "sha256": f["sha256"], "bytes": f["bytes"]}

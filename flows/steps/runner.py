@@ -174,9 +174,10 @@ class GraphScheduler:
 
     def _failed(self, point: Point, error: str) -> dict[str, Any]:
         attempt = self.run.attempts.get(point.key, {})
+        extra = {"spot": attempt["spot"]} if "spot" in attempt else {}
         return _point_summary(point, state="failed", error=error,
                               backend=attempt.get("backend"), job_id=attempt.get("job_id"),
-                              seconds=attempt.get("seconds"), files=[])
+                              seconds=attempt.get("seconds"), files=[], **extra)
 
     def _start(self, point: Point) -> None:
         run = self.run

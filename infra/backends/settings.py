@@ -63,6 +63,18 @@ class ParallelClusterSettings(_Strict):
     run_as: str | None = Field("ec2-user", description="the cluster's user that submits jobs")
     python: str = Field("python3", description="the cluster's interpreter for the kernel")
     create_timeout_minutes: int = Field(60, ge=5, le=240)
+    max_interruptions: int = Field(3, ge=0, le=100, description="on a SPOT queue: requeues "
+                                   "after a reclaim before the job fails instead of resuming")
+
+    @property
+    def spot(self) -> bool:
+        """Whether the queue jobs go to is a Spot one (``CapacityType: SPOT``): its jobs are
+        then submitted with ``--requeue`` and resume after a reclaim."""
+        from infra.clusters.config_issues import load_yaml_mapping
+
+        queues = load_yaml_mapping(self.config)["Scheduling"]["SlurmQueues"]
+        queue = next((q for q in queues if q["Name"] == self.queue), queues[0])
+        return str(queue.get("CapacityType", "ONDEMAND")).upper() == "SPOT"
 
     @model_validator(mode="after")
     def _config_is_valid(self) -> ParallelClusterSettings:
@@ -116,7 +128,8 @@ def parallelcluster_backend(settings: ParallelClusterSettings, aws: AwsTarget, *
                          timeout_s=settings.create_timeout_minutes * 60) as session:
         yield ParallelClusterProvider(session.shell(), remote_root=settings.remote_root,
                                       partition=queue, run_as=settings.run_as,
-                                      python=settings.python)
+                                      python=settings.python, requeue=settings.spot,
+                                      max_interruptions=settings.max_interruptions)
 
 
 @contextlib.contextmanager

@@ -105,8 +105,12 @@ class BatchMnpConfig(_Strict):
                                        description="default: every EFA the instance type has")
     fsx: FsxMount | None = None
     container: Container
-    attempts: int = Field(1, ge=1, le=10,
-                          description="Batch retries only when the main node fails")
+    attempts: int = Field(1, ge=1, le=10, description="the older spelling of "
+                          "max_interruptions + 1 (attempts: 2 is max_interruptions: 1)")
+    max_interruptions: int | None = Field(
+        None, ge=0, le=9, description="retries after the job's instance went away (status "
+        "reason 'Host EC2*': a reclaim, a retirement); any other failure is final. "
+        "Default: attempts - 1")
     timeout_minutes: int | None = Field(None, ge=1)
     log_group: str = "/aws/batch/job"
     tags: dict[str, str] = Field(default_factory=dict)
@@ -119,6 +123,13 @@ class BatchMnpConfig(_Strict):
         if problem:
             raise ValueError(problem)
         return value
+
+    @property
+    def interruptions_allowed(self) -> int:
+        """Retries on host loss: ``max_interruptions``, else ``attempts - 1``."""
+        if self.max_interruptions is not None:
+            return self.max_interruptions
+        return self.attempts - 1
 
     # Derived settings, one place for the sizing rules.
     @property
@@ -162,6 +173,9 @@ def _raw_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         issues.append(ConfigIssue("capacity_type", "AWS Batch does not run multi-node parallel "
                                   "jobs on Spot compute environments: use ON_DEMAND, or the "
                                   "parallelcluster backend for Spot"))
+    if raw.get("max_interruptions") is not None and raw.get("attempts", 1) != 1:
+        issues.append(ConfigIssue("attempts", "attempts and max_interruptions both bound "
+                                  "retries: keep max_interruptions and remove attempts"))
     nodes = raw.get("max_nodes")
     if isinstance(nodes, int) and nodes > MAX_NODES:
         issues.append(ConfigIssue("max_nodes", f"{nodes} nodes: an AWS Batch multi-node job has "

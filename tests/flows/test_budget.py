@@ -146,3 +146,27 @@ def test_the_watchdog_removes_a_batch_environment_whatever_teardown_says(batch_e
         while created(batch_endpoint, cfg) != NOTHING and time.monotonic() < deadline:
             time.sleep(0.2)
     assert created(batch_endpoint, cfg) == NOTHING
+
+
+def test_the_watchdog_cancels_every_element_of_a_sweeps_job_array(tmp_path):
+    """Job arrays are submitted apart from ``submit``: their elements must be known too."""
+    from flows.watchdog import _active, guard
+    from infra.backends.providers.slurm import ArrayItem, SlurmProvider
+    from tests.slurm_fixtures import ensure_local_slurm
+
+    ensure_local_slurm()
+    dog = Watchdog(1.0, 3600 * 100, interval=3600)
+    token = _active.set(dog)
+    try:
+        provider = guard(SlurmProvider())
+    finally:
+        _active.reset(token)
+    items = [ArrayItem(i, ["sleep", "60"], tmp_path, {}) for i in (0, 1)]
+    handles = provider.submit_array(items, ranks=1, job_name="sleepy", workdir=tmp_path,
+                                    max_parallel=2)
+    assert [j for _, j in dog.jobs] == handles
+    dog.trip()
+    assert all(provider.status(h).state is JobState.CANCELLED for h in handles)
+    with pytest.raises(BudgetExceeded):
+        provider.submit_array(items, ranks=1, job_name="again", workdir=tmp_path,
+                              max_parallel=2)

@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError
 from infra.aws.clients import AwsTarget
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobStatus
 from infra.backends.providers.remote import append, mirror_paths, remote_argv
+from infra.backends.providers.spot import Interruptions, batch_interruptions
 from infra.clusters.batch import bodies, jobs, provision
 from infra.clusters.batch.common import BatchEnvironment, Progress, _quiet
 from infra.clusters.batch_config import BatchMnpConfig
@@ -52,6 +53,7 @@ class BatchProvider(ExecutionProvider):
     label: str = "batch"
     _env: BatchEnvironment | None = field(default=None, init=False)
     _watch: dict[str, _Watch] = field(default_factory=dict, init=False)
+    _last: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
 
     def environment(self) -> BatchEnvironment:
         """Provision (idempotently) on first use; invalid configs are refused before any call
@@ -78,9 +80,16 @@ class BatchProvider(ExecutionProvider):
 
     def status(self, job: JobHandle) -> JobStatus:
         desc = jobs.describe_job(self.aws, job.job_id)
+        self._last[job.job_id] = desc
         self._mirror_logs(job, desc)
         state, code, message = jobs.job_state(desc)
         return JobStatus(state, code, message)
+
+    def interruptions(self, job: JobHandle) -> Interruptions:
+        """Attempts that ended because their instance went away (and were retried, up to
+        the config's max_interruptions), from the job's last description."""
+        desc = self._last.get(job.job_id) or jobs.describe_job(self.aws, job.job_id)
+        return batch_interruptions(desc)
 
     def cancel(self, job: JobHandle) -> None:
         jobs.terminate(self.aws, job.job_id)

@@ -20,10 +20,11 @@ import base64
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.remote import append, mirror_paths, remote_argv
+from infra.backends.providers.spot import Interruptions, parse_attempts, requeue_guard
 from infra.backends.remote_shell import RemoteCommandError, RemoteShell, run_checked
 from infra.backends.shell_safety import (
     PLAIN_PATH,
@@ -73,12 +74,29 @@ def parse_scontrol(text: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
+def exit_file(text: str, restarts: str = "") -> int | None:
+    """The exit code in ``<job>.exitcode`` (``RC`` or ``RC ATTEMPT``), or None.
+
+    A requeue-able job's trap also writes the attempt (``SLURM_RESTART_COUNT``): the attempt a
+    Spot reclaim killed leaves its file too, and Slurm has counted the requeue (``Restarts=``)
+    before it signals the script, so a file from an attempt older than ``Restarts`` is not the
+    job's result: the job is still on its way (requeued, pending, or running again).
+    """
+    words = text.split()
+    if not words or not words[0].lstrip("-").isdigit():
+        return None
+    if len(words) > 1 and words[1].isdigit() and restarts.isdigit() \
+            and int(words[1]) < int(restarts):
+        return None
+    return int(words[0])
+
+
 def status_from(exit_text: str, scontrol_text: str) -> JobStatus:
     """Combine the job's exit-code file and scontrol's view into one status."""
     fields = parse_scontrol(scontrol_text)
     raw_state = fields.get("JobState", "")
     state = SCONTROL_STATES.get(raw_state)
-    exit_code = int(exit_text.strip()) if exit_text.strip().lstrip("-").isdigit() else None
+    exit_code = exit_file(exit_text, fields.get("Restarts", ""))
     if state is JobState.CANCELLED:
         return JobStatus(JobState.CANCELLED, exit_code, f"Slurm: {raw_state}")
     if state is not None and state.terminal:
@@ -110,8 +128,12 @@ class ParallelClusterProvider(ExecutionProvider):
     python: str = "python3"
     mpi: str = "pmix"
     sbatch_args: list[str] = field(default_factory=list)
+    # A Spot queue: requeued when a node is reclaimed, resumed, bounded (providers.spot).
+    requeue: bool = False
+    max_interruptions: int = 3
     label: str = "parallelcluster"
     _jobs: dict[str, RemoteJob] = field(default_factory=dict, init=False)
+    _attempts: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         # Everything below lands in scripts run as root through SSM: refuse what could not
@@ -148,11 +170,18 @@ class ParallelClusterProvider(ExecutionProvider):
                  f"#SBATCH --chdir={directory}"]
         if self.partition:
             lines.append(f"#SBATCH --partition={self.partition}")
+        if self.requeue:  # append: a requeue would truncate what status() reads by offset
+            lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
         lines += [f"#SBATCH {a}" for a in self.sbatch_args]
         exitcode = f"{directory}/{job_name}.exitcode"
         tmp = f"{exitcode}.tmp"
-        on_exit = f"rc=$?; echo $rc > {q(tmp)} && mv {q(tmp)} {q(exitcode)}"
+        # The attempt goes with the code: a reclaimed attempt's file is not the result.
+        on_exit = (f'rc=$?; echo "$rc ${{SLURM_RESTART_COUNT:-0}}" > {q(tmp)} && '
+                   f"mv {q(tmp)} {q(exitcode)}")
         lines.append(f"trap {q(on_exit)} EXIT")
+        if self.requeue:
+            lines += requeue_guard(PurePosixPath(f"{directory}/{job_name}.attempts"),
+                                   self.max_interruptions)
         lines += [export_line(k, v) for k, v in sorted((env or {}).items())]
         lines.append(render_command(command))
         return "\n".join(lines) + "\n"
@@ -165,7 +194,8 @@ class ParallelClusterProvider(ExecutionProvider):
             "set -euo pipefail",
             SLURM_PATH,
             f"mkdir -p {shlex.quote(directory)}",
-            f"rm -f {shlex.quote(f'{directory}/{job_name}.exitcode')}",
+            f"rm -f {shlex.quote(f'{directory}/{job_name}.exitcode')} "
+            f"{shlex.quote(f'{directory}/{job_name}.attempts')}",
             # The delimiter never equals a line of the script, so the script cannot end the
             # heredoc early and run its remaining lines here, as root.
             *heredoc(path, batch_script, "CLUSTERFLOW_SBATCH"),
@@ -195,7 +225,8 @@ class ParallelClusterProvider(ExecutionProvider):
     def status_script(self, job: RemoteJob) -> str:
         d, n = shlex.quote(job.directory), job.name
         lines = [SLURM_PATH, "echo '==exit=='", f"cat {d}/{n}.exitcode 2>/dev/null || true",
-                 "echo '==scontrol=='", f"scontrol show job -o {job.job_id} 2>&1 || true"]
+                 "echo '==scontrol=='", f"scontrol show job -o {job.job_id} 2>&1 || true",
+                 "echo '==attempts=='", f"cat {d}/{n}.attempts 2>/dev/null || true"]
         for stream in ("out", "err"):
             lines += [f"echo '=={stream}=='",
                       f"tail -c +{job.offsets[stream] + 1} {d}/{n}.{stream} 2>/dev/null | "
@@ -219,12 +250,17 @@ class ParallelClusterProvider(ExecutionProvider):
             data = base64.b64decode(parts.get(stream, "").strip() or b"")
             append(path, data)
             remote.offsets[stream] += len(data)
+        self._attempts[job.job_id] = parts.get("attempts", "")
         status = status_from(parts.get("exit", ""), parts.get("scontrol", ""))
         if status.state.terminal and any(len(base64.b64decode(parts.get(s, "").strip() or b""))
                                          == CHUNK for s in ("out", "err")):
             # Output is still being fetched: report RUNNING until the mirrors are complete.
             return JobStatus(JobState.RUNNING, None, "fetching output")
         return status
+
+    def interruptions(self, job: JobHandle) -> Interruptions:
+        """Requeues after a reclaim and the time their attempts ran, as of the last status."""
+        return parse_attempts(self._attempts.get(job.job_id, ""))
 
     def cancel(self, job: JobHandle) -> None:
         run_checked(self.shell, f"{SLURM_PATH}\nscancel {shlex.quote(job.job_id)}",

@@ -27,7 +27,13 @@ from pathlib import Path
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import ProviderUnavailable
-from infra.backends.providers.spot import attempts_file, requeue_guard
+from infra.backends.providers.spot import (
+    Interruptions,
+    attempts_file,
+    attempts_of,
+    read_interruptions,
+    requeue_guard,
+)
 from infra.backends.shell_safety import export_line, reject_control_chars, render_command
 
 LAUNCHERS = ("srun", "mpiexec")
@@ -52,6 +58,9 @@ _TIME_LIMIT_RE = re.compile(
     r"|\d+-\d+:\d{1,2}:\d{1,2})$")
 _DOES_NOT_FIT = ("Requested node configuration is not available",
                  "More processors requested than permitted", "Node count specification invalid")
+# ArrayTaskId of the one record left for an array whose elements all ended unsplit
+# (Slurm's NO_VAL - 1).
+WHOLE_ARRAY = "4294967294"
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                 "Connection refused", "Zero Bytes were transmitted")
 
@@ -230,7 +239,7 @@ class SlurmProvider(ExecutionProvider):
             cmd.append(f"--time={self.time_limit}")
         if self.overcommit:
             cmd.append("--overcommit")
-        if requeue:  # only single jobs: their script carries the max_interruptions guard
+        if requeue:  # the script carries the max_interruptions guard (spot.requeue_guard)
             cmd += ["--requeue", "--open-mode=append"]
         return [*cmd, *self.sbatch_args, str(script)]
 
@@ -296,7 +305,7 @@ class SlurmProvider(ExecutionProvider):
         indices = ",".join(str(i.index) for i in items)
         sbatch = self.sbatch_command(ranks=ranks, job_name=job_name, workdir=workdir,
                                      stdout=logs / "%a.out", stderr=logs / "%a.err",
-                                     script=script)
+                                     script=script, requeue=self.requeue)
         # sbatch_command doubles '%' for literal paths; the array's %a must stay a pattern.
         sbatch = [a.replace("%%a.", "%a.") for a in sbatch]
         sbatch.insert(-1, f"--array={indices}%{max_parallel}")
@@ -305,6 +314,8 @@ class SlurmProvider(ExecutionProvider):
                  f"#   {render_command(sbatch)}"]
         if self.slurm_conf is not None:
             lines.append(f"#   with SLURM_CONF={render_command([str(self.slurm_conf)])}")
+        if self.requeue:  # bounded and recorded per element: logs/<index>.attempts
+            lines += requeue_guard(logs, self.max_interruptions, array_dir=True)
         lines.append('case "$SLURM_ARRAY_TASK_ID" in')
         for item in items:
             exports = "".join(f"{export_line(k, v)}; " for k, v in item.env.items())
@@ -320,6 +331,7 @@ class SlurmProvider(ExecutionProvider):
             out, err = logs / f"{item.index}.out", logs / f"{item.index}.err"
             out.write_bytes(b"")
             err.write_bytes(b"")
+            attempts_of(out).unlink(missing_ok=True)
             handles.append((item.index, out, err))
         self.ping()
         proc = self._slurm(*sbatch)
@@ -347,6 +359,11 @@ class SlurmProvider(ExecutionProvider):
                             continue
                         st = _status(f["JobState"], _exit_code(f.get("ExitCode", "")),
                                      f.get("Reason", ""))
+                        if f["ArrayTaskId"] == WHOLE_ARRAY:
+                            # Every element ended before the array was split (scancel of a
+                            # pending array): one record speaks for all of them.
+                            states[-1] = st
+                            continue
                         for idx in _array_indices(f["ArrayTaskId"]):
                             states[idx] = st
                 elif "Invalid job id" not in proc.stderr:
@@ -354,7 +371,10 @@ class SlurmProvider(ExecutionProvider):
                                      f"{proc.stderr.strip()}")
                 cached = (time.monotonic(), states)
                 self._array_cache[array_id] = cached
-            return cached[1].get(index)
+            found = cached[1].get(index)
+            whole = cached[1].get(-1)
+            return whole if found is None and whole is not None and whole.state.terminal \
+                else found
 
     def status(self, job: JobHandle) -> JobStatus:
         array_id, _, index = job.job_id.partition("_")
@@ -368,7 +388,7 @@ class SlurmProvider(ExecutionProvider):
             if "JobState" in fields:
                 return _status(fields["JobState"], _exit_code(fields.get("ExitCode", "")),
                                fields.get("Reason", ""))
-        elif "Invalid job id" not in proc.stderr:
+        elif not any(s in proc.stderr + proc.stdout for s in ("Invalid job id", "not found")):
             raise SlurmError(f"scontrol show job {job.job_id} failed: {proc.stderr.strip()}")
         # The controller no longer holds the job (MinJobAge passed, or it was restarted
         # without its state): the completion log still knows how it ended.
@@ -388,6 +408,11 @@ class SlurmProvider(ExecutionProvider):
             return None
         _, state, code = rows[-1]
         return _status(state, _exit_code(code))
+
+    def interruptions(self, job: JobHandle) -> Interruptions:
+        """Requeues the job (or array element) went through and the time its interrupted
+        attempts ran, from the attempts record its script keeps (none without requeue)."""
+        return read_interruptions(attempts_of(job.stdout))
 
     def cancel(self, job: JobHandle) -> None:
         """``scancel``, then wait until the job and every one of its processes are gone."""

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from infra.backends.providers.spot import batch_retry_strategy
 from infra.backends.shell_safety import safe_arg
 from infra.clusters.batch.common import BatchLimitError, _tags
 from infra.clusters.batch_config import MAX_NODE_GROUPS, MAX_NODES, BatchMnpConfig, Volume
@@ -171,7 +172,8 @@ def job_definition_request(cfg: BatchMnpConfig) -> dict[str, Any]:
         "jobDefinitionName": cfg.resource_names()["job_definition"],
         "type": "multinode",
         "nodeProperties": node_properties(cfg),
-        "retryStrategy": {"attempts": cfg.attempts},
+        # Retry only when the instance went away, at most interruptions_allowed times.
+        "retryStrategy": batch_retry_strategy(cfg.interruptions_allowed),
         "platformCapabilities": ["EC2"],
         "propagateTags": True,
     }

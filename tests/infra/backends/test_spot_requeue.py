@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from infra.backends.providers.spot import (
 )
 from infra.clusters.slurm_local.cluster import LocalSlurm
 from mpi_jobs.catalog import KERNELS, HeatParameters
+from tests.infra.backends.test_spot_array_requeue import reclaim, reclaim_node
 from tests.slurm_fixtures import ensure_local_slurm
 
 REPO = Path(__file__).resolve().parents[3]
@@ -49,7 +50,8 @@ def _newest_step(ck: Path) -> int:
 
 
 def _run(work: Path, *, requeue_at: int | None, max_interruptions: int = 2,
-         timeout: float = 400) -> tuple[JobState, str, Path]:
+         timeout: float = 400, how: Callable[[str, dict[str, str]], None] = reclaim,
+         ) -> tuple[JobState, str, Path]:
     """Heat on 2 ranks with checkpoints; ``scontrol requeue`` once a checkpoint past
     ``requeue_at`` is complete (the reclaim)."""
     work.mkdir(parents=True)
@@ -66,10 +68,7 @@ def _run(work: Path, *, requeue_at: int | None, max_interruptions: int = 2,
     while True:
         status = provider.status(job)
         if requeue_at is not None and _newest_step(work / "ck") >= requeue_at:
-            env = os.environ | {"SLURM_CONF": str(provider.slurm_conf)}
-            got = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True,
-                                 text=True, env=env)
-            assert got.returncode == 0, got.stderr
+            how(job.job_id, os.environ | {"SLURM_CONF": str(provider.slurm_conf)})
             requeue_at = None
         if status.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED):
             return status.state, job.job_id, work
@@ -90,6 +89,18 @@ def test_a_reclaimed_job_resumes_from_its_checkpoint_bitwise_identical(local_slu
     restarted = [ln for ln in log.splitlines() if "restarting from step" in ln]
     assert restarted, log  # resumed, not started over
     assert int(restarted[-1].split("restarting from step ")[1].split()[0]) >= 300
+    assert _sha(hit / "out" / "field.npy") == _sha(clean / "out" / "field.npy")
+
+
+def test_a_node_lost_mid_job_requeues_it_and_it_resumes_bitwise(local_slurm, tmp_path):
+    """The node set DOWN under the running job (as for a reclaimed Spot node), not a
+    requeue asked for by hand: Slurm records NODE_FAIL for the attempt and requeues it."""
+    state, _, clean = _run(tmp_path / "clean", requeue_at=None)
+    assert state is JobState.COMPLETED, (clean / "heat.err").read_text()
+    state, job_id, hit = _run(tmp_path / "node", requeue_at=300, how=reclaim_node)
+    assert state is JobState.COMPLETED, (hit / "heat.err").read_text()
+    assert read_interruptions(attempts_file(hit, "heat")).count == 1
+    assert "restarting from step" in (hit / "heat.out").read_text()
     assert _sha(hit / "out" / "field.npy") == _sha(clean / "out" / "field.npy")
 
 

@@ -153,7 +153,10 @@ def test_environment_is_created_once_with_efa_and_a_cluster_placement_group(endp
     queue = b.describe_job_queues(jobQueues=[env.job_queue_arn])["jobQueues"][0]
     assert queue["computeEnvironmentOrder"][0]["computeEnvironment"] == ce["computeEnvironmentArn"]
     jd = b.describe_job_definitions(jobDefinitions=[env.job_definition_arn])["jobDefinitions"][0]
-    assert jd["type"] == "multinode" and jd["retryStrategy"] == {"attempts": 1}
+    # mnp-p4d-efa.yaml has max_interruptions: 0 (moto hands the actions back lower-case)
+    assert jd["type"] == "multinode" and jd["retryStrategy"] == {
+        "attempts": 1, "evaluateOnExit": [{"onStatusReason": "Host EC2*", "action": "retry"},
+                                          {"onReason": "*", "action": "exit"}]}
     assert len(said) == 5
 
     again = batch.ensure_environment(endpoint, cfg, progress=said.append)
