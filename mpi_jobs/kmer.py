@@ -13,18 +13,21 @@ table and rank 0 merges the runs block by block, `mpi_jobs.kmer_dump`), ``DIR/hi
 How: the input is cut into chunks that ranks take round-robin (`mpi_jobs.fastx` says where
 chunks are cut: between FASTQ records, anywhere in a FASTA sequence with the k-1 bases before
 the cut as context; and how gzip is handled: every rank decompresses the stream and keeps its
-own chunks). Each round, every rank parses one chunk, upper-cases it,
-encodes each k-mer free of non-ACGT characters and canonicalises it (lexicographic min of the
-k-mer and its reverse complement), sorts the codes by owner rank (a hash of the code) and sends
-them there with one ``MPI_Alltoallv``; owners count them in a hash table
-(`mpi_jobs.kmer_numba`). A k-mer is counted only by its owner, so the per-rank top lists and
-histograms merge exactly on rank 0; counts are integers, so the result equals a serial count
-for any rank count.
+own chunks). Each round, every rank parses one chunk and encodes each k-mer free of non-ACGT
+characters (`mpi_jobs.kmer_numba`), cuts the reads into super-k-mers, runs of consecutive
+k-mers that share their minimizer, packs them 2 bits a base and sorts them by the bin their
+minimizer picks; one ``MPI_Alltoallv`` sends each bin's records to the rank that owns the bin
+(`mpi_jobs.kmer_bins`). Once the input is read, each rank counts its bins one at a time in a
+hash table small enough to stay in cache, folding each into the histogram and top list. A
+k-mer and its reverse complement have the same minimizer, so each canonical k-mer (the
+lexicographic min of the two) is counted in exactly one bin on one rank; the per-rank top
+lists and histograms merge exactly on rank 0, and counts are integers, so the result equals
+a serial count for any rank count.
 
-Checkpoints (``--checkpoint-dir``): every ``--checkpoint-every`` rounds each rank saves its
-table and the round number; ``--restart`` continues with the next round. Table ownership
-depends on the rank count, so a restart needs the same number of ranks (the checkpoint says
-how many if it differs).
+Checkpoints (``--checkpoint-dir``): every ``--checkpoint-every`` rounds each rank saves the
+records it has received, their bin offsets and the round number; ``--restart`` continues with
+the next round. Bin ownership depends on the rank count, so a restart needs the same number
+of ranks (the checkpoint says how many if it differs).
 
 Parse errors (a malformed FASTQ record anywhere, the first one included; a corrupt gzip stream)
 are found by the rank that owns the chunk; ranks agree on them at the end of each round, so the
