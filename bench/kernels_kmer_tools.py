@@ -16,6 +16,12 @@ KMC (``kmc_tools transform histogram``), jellyfish (``jellyfish histo``) and the
 compared, and the kernel's top ``--top`` list is compared with KMC's and jellyfish's dumps of
 the k-mers at or above the list's smallest count (sorted the same way).
 
+The kernel's time is also broken down (``kmer_breakdown``: the median over rounds of the
+manifest's ``phase_seconds``, slowest rank per phase, from ``startup`` (process start to the
+kernel: interpreter, imports, ``MPI_Init``) and ``jit`` (loading numba's cached code) to
+``output``; and each rank's CPU seconds, which on a shared machine say what the wall times
+cannot). The load average is recorded per round.
+
 KMC and jellyfish come from Debian (``kmc``, ``jellyfish``); when they are missing and this
 runs as root they are installed with apt-get, otherwise the script says what to install.
 
@@ -141,7 +147,8 @@ def run_kernel_timed(reads: Path, k: int, top: int, ranks: int, work: Path) -> d
     manifest = json.loads((out / "manifest.json").read_text())
     return {"wall_seconds": wall, "kernel_wall_seconds": manifest["wall_seconds"],
             "peak_rss_kib": sum(int(p.read_text().split()[-1]) for p in rss.iterdir()),
-            "out": out, "phases": manifest.get("phase_seconds")}
+            "out": out, "phases": manifest.get("phase_seconds"),
+            "rank_cpu_seconds": manifest.get("rank_cpu_seconds")}
 
 
 def main() -> int:
@@ -179,8 +186,10 @@ def main() -> int:
             for name, r in last.items():
                 rows[name].append({"wall_seconds": r["wall_seconds"],
                                    "peak_rss_kib": r["peak_rss_kib"],
+                                   "loadavg": os.getloadavg()[0],
                                    **({"kernel_wall_seconds": r["kernel_wall_seconds"],
-                                       "phase_seconds": r["phases"]}
+                                       "phase_seconds": r["phases"],
+                                       "rank_cpu_seconds": r["rank_cpu_seconds"]}
                                       if "kernel_wall_seconds" in r else {})})
         t_counter = None
         if not args.no_counter:
@@ -214,6 +223,20 @@ def main() -> int:
                 "runs": rows[name]}
 
     tools = {name: summary(name) for name in rows}
+    # Where the kernel's time goes (issue 17: profile first): the median over rounds of each
+    # phase's seconds (slowest rank), from start-up to output, and the ranks' CPU seconds.
+    breakdown = {}
+    for name in ("kmer_1_rank", "kmer_2_ranks"):
+        runs = rows[name]
+        phases = {key: statistics.median(r["phase_seconds"][key] for r in runs)
+                  for key in runs[0]["phase_seconds"]}
+        breakdown[name] = {
+            "launcher_wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+            "kernel_wall_seconds": statistics.median(r["kernel_wall_seconds"] for r in runs),
+            "phase_seconds": phases,
+            "rank_cpu_seconds": [statistics.median(r["rank_cpu_seconds"][i] for r in runs)
+                                 for i in range(len(runs[0]["rank_cpu_seconds"]))],
+        }
     # Ratios per round (side by side), then their spread.
     per_round = [{"kmer_2_over_kmc": rows["kmer_2_ranks"][i]["wall_seconds"]
                   / rows["kmc_2_threads"][i]["wall_seconds"],
@@ -236,6 +259,7 @@ def main() -> int:
     result = {"machine": machine(), "args": vars(args), "input_bytes": size, "bases": bases,
               "first_run_cold_cache_wall_seconds": first["wall_seconds"],
               "counter_seconds": t_counter, "tools": tools, "per_round": per_round,
+              "kmer_breakdown": breakdown, "loadavg_at_end": os.getloadavg(),
               "ratios": ratios, "agreement": agreement,
               "targets": {"kmer_2_ranks_at_most_0.8_of_kmc":
                           ratios["kmer_2_over_kmc"]["median"] <= 0.8,
@@ -251,6 +275,13 @@ def main() -> int:
               f"peak RSS {t['peak_rss_mib']:7.1f} MiB")
     if t_counter is not None:
         print(f"serial Counter          {t_counter:.2f} s")
+    for name, b in breakdown.items():
+        print(f"{name} breakdown (median s, slowest rank): launcher "
+              f"{b['launcher_wall_seconds']:.2f}, kernel {b['kernel_wall_seconds']:.2f}; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in b["phase_seconds"].items())
+              + "; rank CPU " + ", ".join(f"{c:.2f}" for c in b["rank_cpu_seconds"]))
+    print("load average per round:", [round(r["loadavg"], 1) for r in rows["kmc_2_threads"]],
+          "at end", result["loadavg_at_end"])
     for key, value in ratios.items():
         print(f"{key:48s} " + (f"min {value['min']:.2f} median {value['median']:.2f} max "
                                f"{value['max']:.2f}" if isinstance(value, dict)

@@ -79,7 +79,7 @@ class KmerParameters(BaseModel):
 
     k: Annotated[int, Field(ge=1, le=31, strict=True)]
     top: Count = 100
-    chunk_bytes: Annotated[int, Field(gt=0, le=256 << 20, strict=True)] = 1 << 20
+    chunk_bytes: Annotated[int, Field(gt=0, le=256 << 20, strict=True)] = 4 << 20
     # The generated sample input (used when the spec names no input of its own).
     genome_length: PositiveInt = 1_000_000
     reads: Count = 50_000
@@ -222,18 +222,8 @@ def _var_memory(p: VarParameters, ranks: int) -> int:
     return ranks * (per_rank + RANK_OVERHEAD) + root
 
 
-_TABLE_START, _TABLE_LOAD, _TABLE_FAST_BELOW = 1 << 18, 0.6, 1 << 22  # kmer_numba.CountTable
 _READ_ERROR_RATE = 0.005  # genome.simulate_reads
-
-
-def _kmer_table_rows(distinct: int) -> tuple[int, int]:
-    """(final, previous) row counts of a CountTable holding ``distinct`` keys."""
-    rows, previous = _TABLE_START, 0
-    while rows * _TABLE_LOAD < distinct:
-        previous, rows = rows, rows * (4 if rows < _TABLE_FAST_BELOW else 2)
-    return rows, previous
-
-
+_MINIMIZER = 9  # mpi_jobs/kmer_bins.py: MINIMIZER
 _DUMP_BLOCK = 65_536  # entries a rank sends per merge block (mpi_jobs/kmer_dump.py)
 
 
@@ -250,20 +240,28 @@ def _kmer_memory(p: KmerParameters, ranks: int) -> int:
         occurrences = with_errors = max(0, p.genome_length - p.k + 1)
     canonical = (4**p.k + (4 ** (p.k // 2) if p.k % 2 == 0 else 0)) // 2
     distinct = min(occurrences, with_errors, canonical)
-    owned = -(-distinct * 11 // (10 * ranks))  # hash partition, with 10% imbalance
-    rows, previous = _kmer_table_rows(owned)
-    # Per rank: the table (16 B a row; old and new tables both live while it grows), its items
-    # and their top-N/histogram copies, and one chunk as bytes, codes, send and receive buffers.
-    per_rank = (rows + previous) * 2 * _F8 + owned * 4 * _F8 + 25 * p.chunk_bytes
+    owned = -(-distinct * 11 // (10 * ranks))  # bins hashed over ranks, with 10% imbalance
+    # Every occurrence is kept until the input is read, as a super-k-mer record
+    # (mpi_jobs/kmer_bins.py): 1 length byte and k + run - 1 bases at 2 bits each for a run
+    # of k-mers sharing a minimizer; runs average (w + 1) / 2 k-mers for a window of
+    # w = k - m + 1 m-mers (taken at half that, to err high). 6.8 measured at k = 21.
+    run = max(1.0, (p.k - min(p.k, _MINIMIZER) + 2) / 4)
+    record_bytes = (2 + (p.k + run - 1) / 4) / run
+    store = int(occurrences * record_bytes * 1.1 / ranks)
+    # One round's buffers: the chunk (and its bytes joined), a uint64 code and a flag per
+    # input byte at worst (FASTA), the record arrays and the packed records (~14 B a byte),
+    # and a bin's hash table, which stays cache-sized (16 MiB is generous).
+    per_rank = store + 14 * p.chunk_bytes + (16 << 20)
     if p.top == 0:
-        # The full dump is streamed (mpi_jobs/kmer_dump.py): each rank sorts a copy of its
-        # table's items and rank 0 merges 65,536-entry blocks from every rank, writing as it
-        # goes, so no rank holds the whole output.
-        per_rank += owned * 2 * _F8
+        # The full dump: every (code, count) of the rank's bins (16 B), concatenated and
+        # sorted once more (mpi_jobs/kmer_dump.py) before rank 0 merges 65,536-entry blocks
+        # from every rank, writing as it goes, so no rank holds the whole output.
+        per_rank += owned * 3 * 2 * _F8
         root = ranks * _DUMP_BLOCK * (64 + p.k)
     else:
-        # Rank 0: the gathered top lists (arrays, Python ints, decoded str objects, the
-        # formatted lines and their join: ~400 B a k-mer).
+        # Only the top candidates are kept per rank; rank 0 gathers the top lists (arrays,
+        # Python ints, decoded str objects, the formatted lines and their join: ~400 B each).
+        per_rank += (4 * p.top + 4096) * 3 * 2 * _F8
         root = min(distinct, ranks * p.top) * (400 + p.k)
     # The default input: the genome and the per-read draws (records are streamed to disk).
     make_input = 16 * p.genome_length + 16 * p.reads

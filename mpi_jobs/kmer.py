@@ -13,18 +13,21 @@ table and rank 0 merges the runs block by block, `mpi_jobs.kmer_dump`), ``DIR/hi
 How: the input is cut into chunks that ranks take round-robin (`mpi_jobs.fastx` says where
 chunks are cut: between FASTQ records, anywhere in a FASTA sequence with the k-1 bases before
 the cut as context; and how gzip is handled: every rank decompresses the stream and keeps its
-own chunks). Each round, every rank parses one chunk, upper-cases it,
-encodes each k-mer free of non-ACGT characters and canonicalises it (lexicographic min of the
-k-mer and its reverse complement), sorts the codes by owner rank (a hash of the code) and sends
-them there with one ``MPI_Alltoallv``; owners count them in a hash table
-(`mpi_jobs.kmer_numba`). A k-mer is counted only by its owner, so the per-rank top lists and
-histograms merge exactly on rank 0; counts are integers, so the result equals a serial count
-for any rank count.
+own chunks). Each round, every rank parses one chunk and encodes each k-mer free of non-ACGT
+characters (`mpi_jobs.kmer_numba`), cuts the reads into super-k-mers, runs of consecutive
+k-mers that share their minimizer, packs them 2 bits a base and sorts them by the bin their
+minimizer picks; one ``MPI_Alltoallv`` sends each bin's records to the rank that owns the bin
+(`mpi_jobs.kmer_bins`). Once the input is read, each rank counts its bins one at a time in a
+hash table small enough to stay in cache, folding each into the histogram and top list. A
+k-mer and its reverse complement have the same minimizer, so each canonical k-mer (the
+lexicographic min of the two) is counted in exactly one bin on one rank; the per-rank top
+lists and histograms merge exactly on rank 0, and counts are integers, so the result equals
+a serial count for any rank count.
 
-Checkpoints (``--checkpoint-dir``): every ``--checkpoint-every`` rounds each rank saves its
-table and the round number; ``--restart`` continues with the next round. Table ownership
-depends on the rank count, so a restart needs the same number of ranks (the checkpoint says
-how many if it differs).
+Checkpoints (``--checkpoint-dir``): every ``--checkpoint-every`` rounds each rank saves the
+records it has received, their bin offsets and the round number; ``--restart`` continues with
+the next round. Bin ownership depends on the rank count, so a restart needs the same number
+of ranks (the checkpoint says how many if it differs).
 
 Parse errors (a malformed FASTQ record anywhere, the first one included; a corrupt gzip stream)
 are found by the rank that owns the chunk; ranks agree on them at the end of each round, so the
@@ -39,6 +42,7 @@ Environment: ``CLUSTERFLOW_KMER_FAIL_RANK=R`` makes rank R fail after its first 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import zlib
 from pathlib import Path
@@ -70,12 +74,19 @@ if TYPE_CHECKING:
 PROG = "kmer"
 FAIL_RANK_ENV = "CLUSTERFLOW_KMER_FAIL_RANK"
 MAX_K = 31
-DEFAULT_CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 256 << 20  # keeps every Alltoallv count far below 2**31
-# Phases timed per rank: read a chunk, parse + encode it, agree on errors/end (one allgather
-# a round, which also absorbs load imbalance), partition + Alltoallv, insert into the table,
-# and everything after the last round (compact, histogram, top/dump, gather, write).
-PHASES = ("read", "parse", "agree", "exchange", "count", "output")
+DEFAULT_CHUNK_BYTES = 4 << 20  # fewer rounds: each is 3 collectives, a wait on a busy machine
+MAX_CHUNK_BYTES = 256 << 20  # keeps every Alltoallv count (uint32 words) below 2**31
+# Phases timed per rank: read a chunk, parse + encode it, cut it into super-k-mers by bin
+# and pack them (`mpi_jobs.kmer_bins`), agree on errors/end (one allgather a round, which
+# also absorbs load imbalance), Alltoallv to the owners, count the bins after the last round,
+# and everything after that (top/dump, gather, write).
+# Before those, per rank: "startup", from the process's start to the kernel's first line
+# (interpreter, imports, MPI_Init), and "jit", loading numba's cached machine code (or
+# compiling it, the first time after a source change).
+PHASES = ("startup", "jit", "read", "parse", "split", "agree", "exchange", "count", "output")
+BIN_INPUT_BYTES = 128 << 10  # input bytes per bin (see `_bins_per_rank`)
+MAX_BINS_PER_RANK = 1 << 14
+LOAD_HINT = 0.7  # kmer_bins.LOAD
 
 
 def _k(text: str) -> int:
@@ -193,28 +204,181 @@ def _describe_error(path: Path, chunk: Chunk, err: int, at: int, record_at: int)
 
 
 def _exchange(
-    comm: MPI.Intracomm, codes: np.ndarray, n: int, sendbuf: np.ndarray
-) -> np.ndarray:
-    """Send each code to its owner (one Alltoallv); return the codes this rank owns."""
+    comm: MPI.Intracomm, sendbuf: np.ndarray, bin_bytes: np.ndarray, part_bytes: np.ndarray,
+    store: _Store,
+) -> None:
+    """Send each owner its bins' records (one ``Alltoall`` of per-bin byte counts, one
+    ``Alltoallv`` of the records as uint32 words) straight into this rank's `store`."""
     from mpi4py import MPI
 
-    from mpi_jobs.kmer_numba import partition
-
     size = comm.Get_size()
-    if size == 1:
-        return codes[:n]
-    sendcounts = np.zeros(size, dtype=np.int64)
-    partition(codes, n, size, sendbuf, sendcounts)
-    recvcounts = np.empty(size, dtype=np.int64)
-    comm.Alltoall([sendcounts, MPI.INT64_T], [recvcounts, MPI.INT64_T])
-    sdispls = np.concatenate([[0], np.cumsum(sendcounts)[:-1]]).astype(np.int32)
-    rdispls = np.concatenate([[0], np.cumsum(recvcounts)[:-1]]).astype(np.int32)
-    recv = np.empty(int(recvcounts.sum()), dtype=np.uint64)
+    per = bin_bytes.size // size
+    recv_bins = np.empty(bin_bytes.size, dtype=np.int64)
+    comm.Alltoall([bin_bytes, MPI.INT64_T], [recv_bins, MPI.INT64_T])
+    recv_bins = recv_bins.reshape(size, per)
+    recv_bytes = (recv_bins.sum(axis=1) + 3) & ~3
+    send_words = (part_bytes // 4).astype(np.int32)
+    recv_words = (recv_bytes // 4).astype(np.int32)
+    sdispls = np.concatenate([[0], np.cumsum(send_words)[:-1]]).astype(np.int32)
+    rdispls = np.concatenate([[0], np.cumsum(recv_words)[:-1]]).astype(np.int32)
+    total = int(recv_bytes.sum())
+    at = store.reserve(total)
+    words = store.data[at : at + total].view(np.uint32)
     comm.Alltoallv(
-        [sendbuf, (sendcounts.astype(np.int32), sdispls), MPI.UINT64_T],
-        [recv, (recvcounts.astype(np.int32), rdispls), MPI.UINT64_T],
+        [sendbuf[: int(part_bytes.sum())].view(np.uint32), (send_words, sdispls), MPI.UINT32_T],
+        [words, (recv_words, rdispls), MPI.UINT32_T],
     )
-    return recv
+    for src in range(size):
+        if recv_bins[src].any():
+            store.add_block(at + 4 * int(rdispls[src]), recv_bins[src])
+
+
+class _Store:
+    """This rank's received records: one byte buffer, and per received block the offset of
+    each of this rank's bins in it. Capacity is reserved generously (pages never written cost
+    no memory) so the buffer is rarely copied while it grows."""
+
+    def __init__(self, per: int, projected: int = 0) -> None:
+        self.per = per
+        self.data = np.empty(max(projected, 1 << 16), dtype=np.uint8)
+        self.used = 0
+        self.blocks: list[np.ndarray] = []
+        self.projected = projected
+
+    def reserve(self, nbytes: int) -> int:
+        """Make room for `nbytes` more; returns where they go."""
+        need = self.used + nbytes
+        if need > self.data.size:
+            grown = np.empty(max(need + need // 2, self.projected), dtype=np.uint8)
+            grown[: self.used] = self.data[: self.used]
+            self.data = grown
+        at = self.used
+        self.used = need
+        return at
+
+    def add_block(self, at: int, bin_bytes: np.ndarray) -> None:
+        offsets = np.empty(self.per + 1, dtype=np.int64)
+        offsets[0] = at
+        np.cumsum(bin_bytes, out=offsets[1:])
+        offsets[1:] += at
+        self.blocks.append(offsets)
+
+    def offsets(self) -> np.ndarray:
+        if not self.blocks:
+            return np.zeros((0, self.per + 1), dtype=np.int64)
+        return np.stack(self.blocks)
+
+    def load(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        at = self.reserve(data.size)
+        self.data[at : at + data.size] = data
+        self.blocks = [row + at for row in offsets]
+
+
+def _projected_store(input_bytes: int, k: int, ranks: int, chunk_bytes: int) -> int:
+    """Record bytes a rank can expect: at most ~1 per input byte (FASTA at k > 12: records of
+    several k-mers, 2 bits a base) and up to 4 for short k (a record per k-mer). It is
+    reserved, never touched unless used, so erring high costs address space, not memory;
+    capped at half the machine's memory so the reservation itself is never refused."""
+    from mpi_jobs.kmer_bins import record_bound
+
+    per_byte = 1.1 if k > 12 else 4.0
+    want = int(input_bytes * per_byte / ranks) + chunk_bytes * record_bound(k)
+    try:
+        half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (OSError, ValueError):
+        half = want
+    return min(want, half)
+
+
+def _bins_per_rank(input_bytes: int, ranks: int) -> int:
+    """Enough bins that one bin's table (~1 distinct k-mer per 10 input bytes of 15x-covered
+    reads, far fewer than that for a genome) stays in a core's cache: ~`BIN_INPUT_BYTES` of
+    input a bin."""
+    return int(min(MAX_BINS_PER_RANK, max(16, -(-input_bytes // (BIN_INPUT_BYTES * ranks)))))
+
+
+class _Results:
+    """Folds each counted bin into the histogram and the top list as it comes, so a rank
+    never holds all its (k-mer, count) pairs unless the full dump asks for them."""
+
+    SMALL = 1 << 16
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.tally = np.zeros(self.SMALL, dtype=np.int64)
+        self.big: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+        self.pending = 0
+        self.threshold = 0
+        self.distinct = 0
+
+    def add(self, keys: np.ndarray, vals: np.ndarray) -> None:
+        if not vals.size:
+            return
+        self.distinct += vals.size
+        if int(vals.max()) < self.SMALL:
+            tally = np.bincount(vals)
+        else:
+            self.big.append(vals[vals >= self.SMALL])
+            tally = np.bincount(vals[vals < self.SMALL])
+        self.tally[: tally.size] += tally
+        if self.top == 0:
+            self.keys.append(keys)
+            self.vals.append(vals)
+            return
+        if self.threshold:
+            keep = vals >= self.threshold
+            keys, vals = keys[keep], vals[keep]
+        self.keys.append(keys)
+        self.vals.append(vals)
+        self.pending += vals.size
+        if self.pending > 4 * self.top + 4096:
+            self._prune()
+
+    def _prune(self) -> None:
+        keys, vals = _top(np.concatenate(self.keys), np.concatenate(self.vals), self.top)
+        self.keys, self.vals, self.pending = [keys], [vals], vals.size
+        if vals.size == self.top:
+            self.threshold = int(vals[-1])
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        present = np.flatnonzero(self.tally)
+        counts, kmers = present, self.tally[present]
+        if self.big:
+            more, tally = np.unique(np.concatenate(self.big), return_counts=True)
+            counts, kmers = np.concatenate([counts, more]), np.concatenate([kmers, tally])
+        return counts, kmers
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every entry (the full dump) or this rank's top candidates."""
+        if not self.keys:
+            return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+        keys, vals = np.concatenate(self.keys), np.concatenate(self.vals)
+        self.keys, self.vals = [], []
+        return keys, vals
+
+
+def _count_bins(store: _Store, k: int, results: _Results) -> None:
+    """Count every bin of this rank, one at a time, in a cache-sized table."""
+    from mpi_jobs.kmer_bins import count_bin, table_items
+
+    offsets = store.offsets()
+    bin_bytes = (offsets[:, 1:] - offsets[:, :-1]).sum(axis=0)
+    table = np.empty((1 << 12, 2), dtype=np.uint64)
+    ratio = 1.0  # distinct k-mers per record byte so far: sizes the next bin's table
+    seen_bytes = seen_distinct = 0
+    for b in range(store.per):
+        if not bin_bytes[b]:
+            continue
+        want = max(1 << 10, 1 << int(bin_bytes[b] * ratio * 1.2 / LOAD_HINT).bit_length())
+        if want > table.shape[0]:
+            table = np.empty((want, 2), dtype=np.uint64)
+        table, rows, used = count_bin(store.data, offsets, b, k, table, want)
+        results.add(*table_items(table, rows, used))
+        seen_bytes += int(bin_bytes[b])
+        seen_distinct += used
+        ratio = seen_distinct / seen_bytes
 
 
 def _top(codes: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,13 +397,40 @@ def _top(codes: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.
     return codes[order], counts[order]
 
 
-def _histogram(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(count, number of k-mers with that count) pairs, counts ascending."""
-    if counts.size and counts.max() <= 1 << 24:  # bincount: linear time, bounded memory
-        tally = np.bincount(counts)
-        present = np.flatnonzero(tally)
-        return present, tally[present]
-    return np.unique(counts, return_counts=True)
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 where that is unavailable)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in
+                    Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        return max(0.0, time.time() - (boot + ticks / os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+
+
+def _warm_up(k: int) -> None:
+    """Call every compiled function once on a tiny input, so loading numba's cache (or
+    compiling) is timed as its own phase instead of inside the first round."""
+    from mpi_jobs.kmer_bins import count_bin, minimizer_length, pack_runs, split_runs, table_items
+    from mpi_jobs.kmer_dump import format_lines
+    from mpi_jobs.kmer_numba import BASE_CODES, extract
+
+    data = np.frombuffer(b"@r\n" + b"ACGT" * 8 + b"\n+\n" + b"I" * 32 + b"\n", dtype=np.uint8)
+    codes = np.empty(data.size, dtype=np.uint64)
+    starts = np.empty(data.size, dtype=np.uint8)
+    n = extract(data, 1, k, BASE_CODES, codes, starts=starts)[0]
+    first = np.empty(data.size, dtype=np.int64)
+    length = np.empty(data.size, dtype=np.int32)
+    bins = np.empty(data.size, dtype=np.int32)
+    runs = split_runs(codes, starts, n, k, minimizer_length(k), 1, first, length, bins)
+    out = np.empty(data.size * 9 + 4, dtype=np.uint8)
+    bin_bytes = np.zeros(1, dtype=np.int64)
+    total = pack_runs(codes, first, length, bins, runs, k, 1, 1, out, bin_bytes,
+                      np.zeros(1, dtype=np.int64))
+    offsets = np.array([[0, total]], dtype=np.int64)
+    table, rows, used = count_bin(out, offsets, 0, k, np.empty((16, 2), dtype=np.uint64), 16)
+    keys, vals = table_items(table, rows, used)
+    format_lines(keys, vals, k, np.empty(keys.size * (k + 22), dtype=np.uint8))
 
 
 # --------------------------------------------------------------------------- kernel
@@ -249,6 +440,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    startup = _process_age()
     args = _parse_args(argv, quiet=rank != 0)
     t_start = time.perf_counter()
     failing = fail_rank(FAIL_RANK_ENV)
@@ -263,15 +455,19 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         open_source,
         read_chunk,
     )
+    from mpi_jobs.kmer_bins import minimizer_length, pack_runs, record_bound, split_runs
     from mpi_jobs.kmer_dump import merge_runs, send_run, sort_run
-    from mpi_jobs.kmer_numba import BASE_CODES, CountTable, extract
+    from mpi_jobs.kmer_numba import BASE_CODES, extract
 
     setup: object = None
     if rank == 0:
         problem = check_readable_file("--input", args.input)
         if problem is None:
             try:
-                setup = (detect_format(args.input), is_gzip(args.input))
+                gz = is_gzip(args.input)
+                # Bins are sized from the input (4x the file for gzip, a typical ratio).
+                setup = (detect_format(args.input), gz,
+                         args.input.stat().st_size * (4 if gz else 1))
             except InputError as exc:
                 problem = str(exc)
         problem = problem or prepare_out(args.out)
@@ -281,7 +477,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     if isinstance(setup, str):
         raise CollectiveError(setup)
     assert isinstance(setup, tuple)
-    fmt, gzipped = setup
+    fmt, gzipped, input_bytes = setup
 
     checkpointer = None
     if args.checkpoint_dir is not None:
@@ -298,14 +494,23 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         if problem:
             raise CollectiveError(problem)
 
-    table = CountTable()
+    t0 = time.perf_counter()
+    _warm_up(args.k)
+    jit_seconds = time.perf_counter() - t0
+    per = _bins_per_rank(input_bytes, size)
+    nbins = per * size
+    m = minimizer_length(args.k)
+    # Expected record bytes this rank receives (~0.5 B per input byte: FASTQ's sequence is
+    # under half of it, 2 bits a base plus the overlap of k - 1 bases a record); reserved, not
+    # touched, so an overestimate costs address space, not memory.
+    store = _Store(per, projected=_projected_store(input_bytes, args.k, size, args.chunk_bytes))
     stats = np.zeros(3, dtype=np.int64)  # records, bases, k-mer occurrences parsed here
     round_ = 0
     if checkpointer is not None and args.restart:
         ckpt = checkpointer.latest()
         if ckpt is not None:
             round_ = ckpt.step
-            table.add(ckpt.load(f"keys-{rank:06d}.npy"), ckpt.load(f"counts-{rank:06d}.npy"))
+            store.load(ckpt.load(f"records-{rank:06d}.npy"), ckpt.load(f"bins-{rank:06d}.npy"))
             stats = ckpt.load(f"stats-{rank:06d}.npy")
             if rank == 0:
                 print(f"{PROG}: restarting at round {round_} ({ckpt.directory})", flush=True)
@@ -316,16 +521,22 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
 
     source = open_source(args.input)
     codes = np.empty(0, dtype=np.uint64)
-    sendbuf = np.empty(0, dtype=np.uint64)
+    starts = np.empty(0, dtype=np.uint8)
+    first = np.empty(0, dtype=np.int64)
+    length = np.empty(0, dtype=np.int32)
+    bins = np.empty(0, dtype=np.int32)
+    sendbuf = np.empty(0, dtype=np.uint8)
+    bin_bytes = np.zeros(nbins, dtype=np.int64)
+    part_bytes = np.zeros(size, dtype=np.int64)
     timer = RankTimer()
     # Seconds per phase on this rank (the manifest's `phase_seconds`, slowest rank per phase):
     # what to optimise next is read off these, not guessed.
     phases = dict.fromkeys(PHASES, 0.0)
+    phases["startup"], phases["jit"] = startup, jit_seconds
     try:
         while True:
             problem = None
             chunk = None
-            n = 0
             with timer:
                 t0 = time.perf_counter()
                 try:
@@ -337,18 +548,40 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
                     problem = f"--input {args.input}: {exc}"
                 t1 = time.perf_counter()
                 phases["read"] += t1 - t0
+                n = 0
                 if chunk is not None:
                     if codes.size < len(chunk.data):
-                        codes = np.empty(len(chunk.data), dtype=np.uint64)
-                        sendbuf = np.empty(len(chunk.data), dtype=np.uint64)
+                        grow = len(chunk.data)
+                        codes = np.empty(grow, dtype=np.uint64)
+                        starts = np.empty(grow, dtype=np.uint8)
+                        first = np.empty(grow, dtype=np.int64)
+                        length = np.empty(grow, dtype=np.int32)
+                        bins = np.empty(grow, dtype=np.int32)
+                        if size > 1:
+                            sendbuf = np.empty(grow * record_bound(args.k) + 4 * size,
+                                               dtype=np.uint8)
                     n, err, at, record_at, records, bases = extract(
                         np.frombuffer(chunk.data, dtype=np.uint8), fmt, args.k, BASE_CODES,
                         codes, np.frombuffer(chunk.context, dtype=np.uint8), chunk.in_record,
+                        starts=starts,
                     )
                     if err:
                         problem = _describe_error(args.input, chunk, err, at, record_at)
                     stats += (records, bases, n)
-                phases["parse"] += time.perf_counter() - t1
+                t2 = time.perf_counter()
+                phases["parse"] += t2 - t1
+                runs = split_runs(codes, starts, n, args.k, m, nbins, first, length, bins)
+                if size == 1:  # no exchange: pack straight into the store
+                    at = store.reserve(n * record_bound(args.k))
+                    total = pack_runs(codes, first, length, bins, runs, args.k, nbins, size,
+                                      store.data[at:], bin_bytes, part_bytes)
+                    store.used = at + total
+                    if total:
+                        store.add_block(at, bin_bytes)
+                else:
+                    pack_runs(codes, first, length, bins, runs, args.k, nbins, size, sendbuf,
+                              bin_bytes, part_bytes)
+                phases["split"] += time.perf_counter() - t2
             t0 = time.perf_counter()
             statuses = comm.allgather((problem, chunk is None))
             phases["agree"] += time.perf_counter() - t0
@@ -357,34 +590,38 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
                     raise CollectiveError(found)
             if all(done for _, done in statuses):
                 break
-            with timer:
-                t0 = time.perf_counter()
-                owned = _exchange(comm, codes, n, sendbuf)
-                t1 = time.perf_counter()
-                table.add(owned)
-                phases["exchange"] += t1 - t0
-                phases["count"] += time.perf_counter() - t1
+            if size > 1:
+                with timer:
+                    t0 = time.perf_counter()
+                    _exchange(comm, sendbuf, bin_bytes, part_bytes, store)
+                    phases["exchange"] += time.perf_counter() - t0
             round_ += 1
             if round_ == 1 and rank == failing:
                 raise RuntimeError(f"injected failure ({FAIL_RANK_ENV})")
             if delay:
                 time.sleep(delay)
             if checkpointer is not None and round_ % args.checkpoint_every == 0:
-                keys, vals = table.items()
                 checkpointer.save(
                     round_,
-                    {f"keys-{rank:06d}.npy": keys, f"counts-{rank:06d}.npy": vals,
+                    {f"records-{rank:06d}.npy": store.data[: store.used],
+                     f"bins-{rank:06d}.npy": store.offsets(),
                      f"stats-{rank:06d}.npy": stats},
                     {"round": round_},
                 )
     finally:
         source.close()
+    del codes, starts, first, length, bins, sendbuf
 
+    results = _Results(args.top)
+    with timer:
+        t0 = time.perf_counter()
+        _count_bins(store, args.k, results)
+        del store  # every bin is counted: the records are not needed any more
+        phases["count"] = time.perf_counter() - t0
     t_output = time.perf_counter()
     with timer:
-        keys, vals = table.items()
-        del table  # the compact copy is all that is needed from here on
-        hist_counts, hist_kmers = _histogram(vals)
+        hist_counts, hist_kmers = results.histogram()
+        keys, vals = results.items()
         if args.top:
             top_keys, top_vals = _top(keys, vals, args.top)
         else:  # the full dump: sorted here, merged on rank 0 (`mpi_jobs.kmer_dump`)
@@ -393,7 +630,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     totals = np.zeros_like(stats) if rank == 0 else None
     comm.Reduce([stats, MPI.INT64_T], [totals, MPI.INT64_T] if rank == 0 else None,
                 op=MPI.SUM, root=0)
-    distinct = comm.reduce(int(keys.size), op=MPI.SUM, root=0)
+    distinct = comm.reduce(results.distinct, op=MPI.SUM, root=0)
     counts_path = args.out / "counts.tsv"
     if args.top:
         tops = comm.gather((top_keys, top_vals), root=0)
@@ -413,6 +650,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         send_run(comm, keys, vals)
     phases["output"] = time.perf_counter() - t_output
     rank_seconds = comm.gather(timer.seconds, root=0)
+    rank_cpu = comm.gather(time.process_time(), root=0)  # imports and start-up included
     rank_phases = comm.gather(phases, root=0)
     if rank == 0:
         assert hists is not None and totals is not None and rank_phases is not None
@@ -439,6 +677,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             distinct_kmers=distinct,
             wall_seconds=time.perf_counter() - t_start,
             rank_seconds=rank_seconds,
+            rank_cpu_seconds=rank_cpu,
             kmers_per_second=int(totals[2]) / slowest if slowest else None,
             phase_seconds={name: max(p[name] for p in rank_phases) for name in PHASES},
             restarted_from_round=restarted_from,
@@ -448,7 +687,19 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     return 0
 
 
+def _single_node_transports() -> None:
+    """When Open MPI's launcher says every rank is on this node, use only its shared-memory
+    and self transports. Probing the others (the libfabric ``ofi`` BTL above all) took ~1 s
+    of ``MPI_Init`` per run on this VM, a fifth of a 90 Mbase count. Only before ``MPI_Init``,
+    only under Open MPI's own launcher (which sets these variables), never over a setting
+    the user made, and never across nodes."""
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE")
+    if size and size == os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE"):
+        os.environ.setdefault("OMPI_MCA_btl", "self,sm")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _single_node_transports()
     return run_kernel(PROG, lambda comm: _run(argv, comm))
 
 

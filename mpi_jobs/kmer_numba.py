@@ -48,7 +48,11 @@ def _mix(x):  # type: ignore[no-untyped-def]
 
 
 @jit
-def _scan_bases(data, lo, hi, lut, k, mask, shift, fwd, rc, valid, out, n):  # type: ignore[no-untyped-def]
+def _scan_bases(data, lo, hi, lut, k, mask, shift, fwd, rc, valid, out, n, starts):  # type: ignore[no-untyped-def]
+    """Roll the k-mer over ``data[lo:hi]``. With an empty `starts`, `out` gets canonical codes;
+    otherwise forward codes, and ``starts[n]`` is 1 where a k-mer does not overlap the one
+    before it (a run of ACGT begins), which is what `mpi_jobs.kmer_bins` cuts super-k-mers on."""
+    forward = starts.shape[0] > 0
     for p in range(lo, hi):
         code = lut[data[p]]
         if code > 3:
@@ -61,20 +65,24 @@ def _scan_bases(data, lo, hi, lut, k, mask, shift, fwd, rc, valid, out, n):  # t
         rc = (rc >> np.uint64(2)) | ((np.uint64(3) - c) << shift)
         valid += 1
         if valid >= k:
-            out[n] = fwd if fwd < rc else rc
+            if forward:
+                out[n] = fwd
+                starts[n] = valid == k
+            else:
+                out[n] = fwd if fwd < rc else rc
             n += 1
     return fwd, rc, valid, n
 
 
 @jit
-def _extract(data, fmt, k, lut, out, context, in_record, max_header):  # type: ignore[no-untyped-def]
+def _extract(data, fmt, k, lut, out, context, in_record, max_header, starts):  # type: ignore[no-untyped-def]
     size = data.shape[0]
     mask = (np.uint64(1) << np.uint64(2 * k)) - np.uint64(1)
     shift = np.uint64(2 * (k - 1))
     # FASTA: the chunk may start inside a record; `context` holds the (at most k - 1) sequence
     # bytes before it, which seed the rolling k-mer without emitting one.
     fwd, rc, valid, n = _scan_bases(context, 0, context.shape[0], lut, k, mask, shift,
-                                    np.uint64(0), np.uint64(0), 0, out, 0)
+                                    np.uint64(0), np.uint64(0), 0, out, 0, starts)
     records = 0
     bases = 0
     line = 0  # FASTQ: line index within the record
@@ -99,7 +107,7 @@ def _extract(data, fmt, k, lut, out, context, in_record, max_header):  # type: i
             elif in_record:
                 bases += end - p
                 fwd, rc, valid, n = _scan_bases(data, p, end, lut, k, mask, shift, fwd, rc,
-                                                valid, out, n)
+                                                valid, out, n, starts)
         else:
             if line == 0:
                 if end == p:  # blank line between records
@@ -115,7 +123,7 @@ def _extract(data, fmt, k, lut, out, context, in_record, max_header):  # type: i
                 bases += seq_len
                 valid = 0
                 fwd, rc, valid, n = _scan_bases(data, p, end, lut, k, mask, shift, fwd, rc,
-                                                valid, out, n)
+                                                valid, out, n, starts)
             elif line == 2:
                 if end == p or data[p] != 43:  # '+'
                     return n, ERR_SEPARATOR, p, record_start, records, bases
@@ -145,7 +153,8 @@ _NO_CONTEXT = np.empty(0, dtype=np.uint8)
 
 
 def extract(  # type: ignore[no-untyped-def]
-    data, fmt, k, lut, out, context=None, in_record=False, max_header=MAX_HEADER_BYTES
+    data, fmt, k, lut, out, context=None, in_record=False, max_header=MAX_HEADER_BYTES,
+    starts=None,
 ):
     """Canonical k-mer codes of every record in `data` into `out`.
 
@@ -161,9 +170,13 @@ def extract(  # type: ignore[no-untyped-def]
     bounded look-back. FASTQ: strict 4-line records (header ``@``, sequence, ``+`` optionally
     repeating the header's title, quality as long as the sequence and printable ``!``..``~``);
     anything else is an error. Any non-ACGT character breaks the current k-mer run.
+
+    With `starts` (uint8, as long as `out`), `out` gets each k-mer's forward code instead of
+    its canonical one and `starts` marks the first k-mer of each run (see `_scan_bases`).
     """
     ctx = _NO_CONTEXT if context is None else context
-    return _extract(data, fmt, k, lut, out, ctx, in_record, max_header)
+    flags = _NO_CONTEXT if starts is None else starts
+    return _extract(data, fmt, k, lut, out, ctx, in_record, max_header, flags)
 
 
 @jit
