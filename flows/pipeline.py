@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology
 from event_bridge.topology_cache import ensure_topology
+from flows import phase_clock
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
@@ -342,6 +343,7 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     to run on instead of the generated sample (the on-upload deployment passes the uploaded
     key); for heat its shape sets the grid.
     """
+    phase_clock.mark("flow-run creation")
     spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
     spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
     check_budget(spec, spec_path)  # a deployment's run is refused like the CLI's
