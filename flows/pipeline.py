@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -32,6 +32,7 @@ from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, slurm_provider
 from flows.budget import budget_watch, check_budget
 from flows.joblog import failure_lines, forward
+from flows.prefect_flow import flow
 from flows.resource_checks import check_resources
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
