@@ -163,6 +163,9 @@ def run(
         try:
             if server is not None:
                 server.wait_ready()
+            from flows import prewarm
+
+            prewarm.start(loaded)  # boto3 clients built while Prefect creates the flow run
             # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
