@@ -172,15 +172,16 @@ def run_phases(t0: float, t1: float, marks: list[tuple[str, float]],
 
 # Prefect's own floor, in fresh interpreters against the same server: an empty flow, and
 # one with as many no-op tasks as the one-step run has (provision, the step, publish,
-# consume), heartbeat off as the CLI has it. Nothing clusterflow does is in these.
+# consume), heartbeat off as the CLI has it. Nothing clusterflow does is in these. The
+# flows take no parameters: Prefect would import FastAPI to encode any (flows/prefect_flow.py).
 _FLOOR = ("import time, sys; t = time.time(); "
           "from prefect import flow, task; "
           "from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as H, "
           "temporary_settings; "
           "noop = task(lambda: None, name='noop'); "
-          "f = flow(lambda n: [noop() for _ in range(n)], name='bench-floor'); "
+          "f = flow(lambda: [noop() for _ in range({n})], name='bench-floor'); "
           "t1 = time.time()\n"
-          "with temporary_settings(updates={{H: None}}): f({n})\n"
+          "with temporary_settings(updates={{H: None}}): f()\n"
           "sys.stdout.write(f'{{t1 - t}} {{time.time() - t1}}')")
 FLOOR_PROBES = {"python -c pass": "pass", "empty Prefect flow": _FLOOR.format(n=0),
                 "Prefect flow with 4 no-op tasks": _FLOOR.format(n=4)}
