@@ -1,12 +1,16 @@
 """What clusterflow's orchestration costs around the user's own jobs, side by side.
 
-(a) one ~30 s MPI job: ``clusterflow run`` of a one-step spec on a warm local stack
+(a) one ~25 s MPI job: ``clusterflow run`` of a one-step spec on a warm local stack
     (``clusterflow local up``: Prefect server and moto already running) against a bare
-    ``mpiexec`` of the same command. Goal: ratio <= 1.05. Then where the fixed seconds go:
-    interpreter and import costs (fresh interpreters, interleaved; the CLI as it starts now
-    and with every area's CLI imported, as it used to), the spec load, each stage of the
-    run's own ``--json`` timings, the provision stage's full topology apply against its
-    fingerprint check, and the rest (Prefect's flow-run creation and bookkeeping).
+    ``mpiexec`` of the same command, interleaved, with the load average. Goal: ratio <= 1.05
+    (fixed <= 1 s). Where the fixed seconds go comes from the runs themselves: each
+    ``clusterflow run`` writes a mark as each phase ends (``CLUSTERFLOW_PHASE_FILE``,
+    ``flows/phase_clock.py``: CLI imports, spec load, preflight, Prefect and pipeline imports,
+    flow-run creation, the stages, artifacts, flow-run teardown, output, process exit), so
+    the phases add up to the run's wall time. Next to it, Prefect's own floor: an empty flow
+    and one with four no-op tasks in fresh interpreters against the same server; the
+    provision stage's full topology apply against its fingerprint check; and with
+    ``--compare CLUSTERFLOW`` another checkout's CLI interleaved (before/after in one run).
 (b) a sweep of N one-second jobs on the local Slurm: ``clusterflow run`` (one job array,
     each point its own Prefect task run, outputs published with sha256) against a bare
     ``sbatch --array=0-(N-1)%M`` of the same command plus waiting for it. Goal: <= 1.3;
@@ -17,6 +21,7 @@ Runs are interleaved (bare, clusterflow, bare, ...) so a noisy machine hurts bot
     python bench/steps_overhead.py                    # needs `make slurm`
     python bench/steps_overhead.py --points 8 --job-seconds 5 --repeat 1   # smoke
     python bench/steps_overhead.py --no-sweep        # (a) and its phases only, no Slurm
+    python bench/steps_overhead.py --no-sweep --compare /work/main/.venv/bin/clusterflow
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from flows import phase_clock  # noqa: E402
 from infra.backends.launchers import MpiexecLauncher  # noqa: E402
 from infra.clusters.slurm_local import default_state_dir, slurm_env  # noqa: E402
 
@@ -125,20 +131,86 @@ def provision_costs(repeat: int, spec: Path, home: Path) -> dict[str, Any]:
             "check_s": round(statistics.median(check_s), 3), "repeat": repeat}
 
 
-def phases(start: dict[str, float], wall_s: float, stages: dict[str, float]) -> dict[str, float]:
-    """Where one run's fixed seconds go; what is left after the measured parts is Prefect's
-    flow-run creation, task-run bookkeeping and the interpreter's exit."""
-    table = {"python start": start["python"],
-             "CLI imports": round(start["cli"] - start["python"], 3),
-             "run imports (Prefect, pipeline)": round(start["run_imports"] - start["cli"], 3),
-             "spec load": start["spec_load"]}
-    table.update({f"stage: {k}": v for k, v in stages.items()})
-    table["flow-run creation and the rest"] = round(wall_s - sum(table.values()), 3)
+# The marks `clusterflow run` writes with CLUSTERFLOW_PHASE_FILE (flows/phase_clock.py), in
+# order; each names the phase that ends at it. The bench adds the process's start and end.
+RUN_MARKS = ("python start, CLI imports", "spec load and validation", "preflight",
+             "Prefect and pipeline imports", "flow-run creation", "flow body", "artifacts",
+             "flow-run teardown", "output")
+
+
+def run_phases(t0: float, t1: float, marks: list[tuple[str, float]],
+               stages: dict[str, float], bare_s: float) -> dict[str, float]:
+    """One run's seconds per phase, from its own marks: they add up to its wall time.
+
+    The flow body is split into the run's own stage timings (its ``--json`` ``seconds``);
+    the job itself is the bare run's median, so "steps" is only the orchestration around
+    it. What is left of the body (between stages: Prefect's task-run bookkeeping, the
+    summary) is its own row.
+    """
+    at = dict(marks)
+    missing = [m for m in RUN_MARKS if m not in at]
+    if missing:
+        raise RuntimeError(f"the run wrote no phase marks for {missing}")
+    table: dict[str, float] = {}
+    prev = t0
+    for name in RUN_MARKS:
+        if name == "flow body":
+            body = at[name] - prev
+            for stage, secs in stages.items():
+                if stage == "steps":
+                    table["job (the bare run's median)"] = round(bare_s, 3)
+                    table["stage: steps, around the job"] = round(secs - bare_s, 3)
+                else:
+                    table[f"stage: {stage}"] = secs
+            table["flow body between stages"] = round(body - sum(stages.values()), 3)
+        else:
+            table[name] = round(at[name] - prev, 3)
+        prev = at[name]
+    table["process exit"] = round(t1 - prev, 3)
     return table
 
 
-def single_job(samples: int, repeat: int, work: Path, env: dict[str, str]) -> dict[str, Any]:
-    """(a): the same pi.py run bare and through clusterflow on a warm local stack."""
+# Prefect's own floor, in fresh interpreters against the same server: an empty flow, and
+# one with as many no-op tasks as the one-step run has (provision, the step, publish,
+# consume), heartbeat off as the CLI has it. Nothing clusterflow does is in these. The
+# flows take no parameters: Prefect would import FastAPI to encode any (flows/prefect_flow.py).
+_FLOOR = ("import time, sys; t = time.time(); "
+          "from prefect import flow, task; "
+          "from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as H, "
+          "temporary_settings; "
+          "noop = task(lambda: None, name='noop'); "
+          "f = flow(lambda: [noop() for _ in range({n})], name='bench-floor'); "
+          "t1 = time.time()\n"
+          "with temporary_settings(updates={{H: None}}): f()\n"
+          "sys.stdout.write(f'{{t1 - t}} {{time.time() - t1}}')")
+FLOOR_PROBES = {"python -c pass": "pass", "empty Prefect flow": _FLOOR.format(n=0),
+                "Prefect flow with 4 no-op tasks": _FLOOR.format(n=4)}
+
+
+def prefect_floor(repeat: int, env: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Median wall, import and flow seconds of each floor probe, interleaved."""
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in FLOOR_PROBES}
+    for _ in range(repeat):
+        for name, code in FLOOR_PROBES.items():
+            out: list[str] = []
+            wall = _timed([sys.executable, "-c", code], env, REPO, out)
+            imp, run = (float(x) for x in out[0].split()) if out[0] else (0.0, 0.0)
+            times[name].append((wall, imp, run))
+    return {k: {"wall_s": round(statistics.median(w for w, _, _ in v), 3),
+                "import_s": round(statistics.median(i for _, i, _ in v), 3),
+                "flow_s": round(statistics.median(r for _, _, r in v), 3)}
+            for k, v in times.items()}
+
+
+def _median_table(tables: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(t[k] for t in tables), 3) for k in tables[0]}
+
+
+def single_job(samples: int, repeat: int, work: Path, env: dict[str, str],
+               compare: Path | None = None) -> dict[str, Any]:
+    """(a): the same pi.py run bare and through clusterflow on a warm local stack; with
+    ``compare``, also through that ``clusterflow`` (another checkout's, e.g. main's venv),
+    interleaved, for a before/after in one run."""
     argv = [sys.executable, str(PI), "--samples", str(samples), "--out",
             str(work / "bare" / "estimate.json")]
     bare_cmd = MpiexecLauncher(oversubscribe=True).command(2, argv)
@@ -146,23 +218,36 @@ def single_job(samples: int, repeat: int, work: Path, env: dict[str, str]) -> di
         "name": "pi", "command": ["python", str(PI), "--samples", str(samples), "--out",
                                   "{out}/estimate.json"]}])
     run_cmd = [str(BIN / "clusterflow"), "run", "--spec", str(spec), "--json"]
-    bare, flow, outs = [], [], []
-    for _ in range(repeat):
+    bare, flow, outs, marks, spans, load, other = [], [], [], [], [], [], []
+    other_cmd = [str(compare), *run_cmd[1:]] if compare else None
+    # One untimed run first: the stack's topology is applied (and fingerprinted) once, as
+    # on any stack that has run this spec before.
+    _timed(run_cmd, env, work)
+    for i in range(repeat):
+        if other_cmd:
+            other.append(_timed(other_cmd, env, work))
+        load.append(os.getloadavg()[0])
         bare.append(_timed(bare_cmd, env, work))
-        flow.append(_timed(run_cmd, env, work, outs))
+        phase_file = work / f"phases-{i}.txt"
+        t0 = time.time()
+        flow.append(_timed(run_cmd, {**env, phase_clock.ENV: str(phase_file)}, work, outs))
+        spans.append((t0, time.time()))
+        marks.append(phase_clock.read(phase_file))
+    load.append(os.getloadavg()[0])
     b, f = statistics.median(bare), statistics.median(flow)
     runs = [json.loads(o.strip().splitlines()[-1])["seconds"] for o in outs]
+    tables = [run_phases(t0, t1, m, st, b) for (t0, t1), m, st in zip(spans, marks, runs,
+                                                                    strict=True)]
     start = start_costs(max(3, repeat), spec, env)
     topology = provision_costs(max(5, repeat), spec, Path(env["CLUSTERFLOW_HOME"]))
-    # The median run's own stage times; the job itself is the bare run's share of "steps".
-    mid = flow.index(sorted(flow)[len(flow) // 2])
-    stages = dict(runs[mid])
-    if "steps" in stages:
-        stages["steps (orchestration around the job)"] = round(stages.pop("steps") - b, 3)
-    return {"bare_s": bare, "clusterflow_s": flow, "ratio": round(f / b, 3),
-            "fixed_overhead_s": round(f - b, 2),
-            "stage_seconds": runs, "start_s": start, "provision_topology": topology,
-            "phases_s": phases(start, flow[mid] - b, stages)}
+    floor = prefect_floor(max(3, repeat), env)
+    return {"samples": samples, "bare_s": bare, "clusterflow_s": flow,
+            "ratio": round(f / b, 3), "fixed_overhead_s": round(f - b, 2),
+            "load_average_1m": load, "stage_seconds": runs, "start_s": start,
+            "provision_topology": topology, "prefect_floor": floor,
+            "phases_per_run_s": tables, "phases_s": _median_table(tables),
+            "compare": {"cli": str(compare), "clusterflow_s": other,
+                        "ratio": round(statistics.median(other) / b, 3)} if other else None}
 
 
 def sweep(points: int, job_seconds: float, max_parallel: int, repeat: int, work: Path,
@@ -191,11 +276,15 @@ def sweep(points: int, job_seconds: float, max_parallel: int, repeat: int, work:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=60_000_000, help="pi.py samples (~30 s)")
+    ap.add_argument("--samples", type=int, default=250_000_000,
+                    help="pi.py samples (250 M: ~25 s on 2 ranks of this VM)")
     ap.add_argument("--points", type=int, default=64)
     ap.add_argument("--job-seconds", type=float, default=1.0)
     ap.add_argument("--max-parallel", type=int, default=2, help="the local Slurm has 2 CPUs")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compare", type=Path, default=None, metavar="CLUSTERFLOW",
+                    help="another clusterflow executable to run the single job with, "
+                         "interleaved (e.g. /work/main/.venv/bin/clusterflow: before/after)")
     ap.add_argument("--no-sweep", action="store_true",
                     help="only the single job and its phases (no Slurm needed)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "steps.json")
@@ -218,14 +307,14 @@ def main() -> None:
         # start a private moto server (and find a cold endpoint) instead of the warm one.
         env["CLUSTERFLOW_HOME"] = str(REPO / ".clusterflow")
         try:
-            one = single_job(args.samples, args.repeat, work, env)
+            one = single_job(args.samples, args.repeat, work, env, args.compare)
             many = None if args.no_sweep else sweep(
                 args.points, args.job_seconds, args.max_parallel, args.repeat, work, env)
         finally:
             subprocess.run([str(BIN / "clusterflow"), "local", "down"], env=env, cwd=REPO,
                            capture_output=True)
     table = Table("measure", "bare", "clusterflow", "ratio", "goal", box=None)
-    table.add_row("one ~30 s job, warm stack (median s)",
+    table.add_row(f"one {statistics.median(one['bare_s']):.0f} s job, warm stack (median s)",
                   f"{statistics.median(one['bare_s']):.1f}",
                   f"{statistics.median(one['clusterflow_s']):.1f}", f"{one['ratio']:.3f}",
                   "<= 1.05")
@@ -234,16 +323,30 @@ def main() -> None:
                       "(median s)", f"{statistics.median(many['bare_s']):.1f}",
                       f"{statistics.median(many['clusterflow_s']):.1f}",
                       f"{many['ratio']:.3f}", "<= 1.3")
+    if one["compare"]:
+        c = one["compare"]
+        table.add_row(f"  the same, {c['cli']} (interleaved)",
+                      f"{statistics.median(one['bare_s']):.1f}",
+                      f"{statistics.median(c['clusterflow_s']):.1f}", f"{c['ratio']:.3f}", "")
     console.print(table)
     console.print(f"fixed overhead per run: {one['fixed_overhead_s']} s"
                   + (f"; orchestration per sweep point: {many['overhead_per_point_ms']} ms"
                      if many else ""))
-    fixed = Table("where the fixed seconds of one run go", "seconds", box=None)
+    job = "job (the bare run's median)"
+    fixed = Table(f"where one run's seconds go (median of {args.repeat} runs, each phase "
+                  "from the run's own marks)", "seconds", box=None)
     for phase, secs in one["phases_s"].items():
         fixed.add_row(phase, f"{secs:.3f}")
-    fixed.add_row("[bold]total (clusterflow - bare)[/]",
-                  f"{sum(one['phases_s'].values()):.3f}")
+    fixed.add_row("[bold]fixed (all but the job)[/]",
+                  f"{sum(v for k, v in one['phases_s'].items() if k != job):.3f}")
     console.print(fixed)
+    load = one["load_average_1m"]
+    console.print(f"load average (1 min) during the runs: {min(load):.1f}-{max(load):.1f}")
+    floor = Table("Prefect's own floor, fresh interpreters (median)", "wall", "imports",
+                  "flow run", box=None)
+    for name, t in one["prefect_floor"].items():
+        floor.add_row(name, f"{t['wall_s']:.3f}", f"{t['import_s']:.3f}", f"{t['flow_s']:.3f}")
+    console.print(floor)
     console.print(f"CLI start: {one['start_s']['cli']:.3f} s now, "
                   f"{one['start_s']['cli_all_commands']:.3f} s with every area's CLI imported")
     topo = one["provision_topology"]

@@ -36,6 +36,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
+from flows import phase_clock
 from flows.spec import PipelineSpec
 from infra.aws.clients import AwsTarget
 
@@ -205,11 +206,14 @@ def publish_run_artifacts(spec: PipelineSpec, summary: dict[str, Any],
                           aws: AwsTarget) -> list[str]:
     """Publish the run's artifacts; returns the keys published (see the module doc)."""
     logger = get_run_logger()
+    phase_clock.mark("flow body")
     try:
         return _publish(spec, summary, aws)
     except Exception as e:  # noqa: BLE001 - the run's result stands without its artifacts
         logger.warning("could not publish the run's Prefect artifacts: %s", e)
         return []
+    finally:
+        phase_clock.mark("artifacts")
 
 
 def _publish(spec: PipelineSpec, summary: dict[str, Any], aws: AwsTarget) -> list[str]:

@@ -12,13 +12,30 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows import fast_exit, phase_clock
 from flows.budget import check_budget
 from flows.cli_commands import LazyGroup
 from flows.spec import DEFAULT_SPEC, SpecError, load_spec
 
+
+class _App(typer.Typer):
+    """The console script's app: a command that armed ``flows.fast_exit`` (a finished
+    ``run``) ends the process without the interpreter's module teardown. ``CliRunner``
+    invokes the click command directly, never this, so tests keep their process."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except SystemExit as e:
+            if fast_exit.armed():
+                phase_clock.mark("output")
+                fast_exit.exit_now(e.code)
+            raise
+
+
 # Each area owns its commands; the CLI only names them and imports one when it is used
 # (flows.cli_commands), so `clusterflow run` does not import the other areas' CLIs.
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=LazyGroup,
+app = _App(add_completion=False, no_args_is_help=True, cls=LazyGroup,
                   help="HPC pipelines on AWS as Prefect flows.")
 err = Console(stderr=True, soft_wrap=True)  # long paths and errors stay greppable
 
@@ -107,12 +124,14 @@ def run(
     ] = False,
 ) -> None:
     """Run a pipeline spec end to end: provision, stage in, MPI run, publish, fan out, consume."""
+    phase_clock.mark("python start, CLI imports")
     from flows.run_preflight import check_before_start
 
     try:
         # Refuse a bad spec before anything starts.
         loaded = load_spec(spec, ranks=ranks, aws=aws, backend=backend)
         check_budget(loaded, spec)
+        phase_clock.mark("spec load and validation")
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
@@ -127,6 +146,7 @@ def run(
     except SpecError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
+    phase_clock.mark("preflight")
     if dry_run:
         from flows.planning.dryrun import dry_run as check_only
 
@@ -146,9 +166,13 @@ def run(
         from flows.steps.flow import PipelineFailed
 
         code = 0
+        phase_clock.mark("Prefect and pipeline imports")
         try:
             if server is not None:
                 server.wait_ready()
+            from flows import prewarm
+
+            prewarm.start(loaded)  # boto3 clients built while Prefect creates the flow run
             # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
             with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
@@ -163,6 +187,10 @@ def run(
             err.print(f"[red]error:[/] pipeline failed: {type(e).__name__}: {escape(str(e))}",
                       highlight=False)
             raise typer.Exit(1) from None
+        phase_clock.mark("flow-run teardown")
+    # Everything this run started has stopped: the process may skip the interpreter's
+    # teardown once the summary is out (flows.fast_exit).
+    fast_exit.arm()
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     elif "steps" in result:

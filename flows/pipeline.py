@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -26,12 +26,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from event_bridge.consumer import consume_until
 from event_bridge.topology import AppliedTopology, FanOutTopology
 from event_bridge.topology_cache import ensure_topology
+from flows import phase_clock
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, requeues, slurm_provider
 from flows.budget import budget_watch, check_budget
 from flows.errors import MpiJobFailed
 from flows.fsx_checks import uses_batch_stager, uses_fsx
 from flows.joblog import failure_lines, forward
+from flows.prefect_flow import flow
 from flows.run_inputs import grid_for_shape, input_key
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
@@ -316,6 +318,7 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
     to run on instead of the generated sample (the on-upload deployment passes the uploaded
     key); for heat its shape sets the grid.
     """
+    phase_clock.mark("flow-run creation")
     spec_path = spec_path or os.environ.get("CLUSTERFLOW_SPEC") or str(DEFAULT_SPEC)
     spec = load_spec(spec_path, ranks=ranks, aws=aws_mode, backend=backend)
     check_budget(spec, spec_path)  # a deployment's run is refused like the CLI's
