@@ -50,6 +50,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mpi_jobs.kmer_errors import describe_error
+from mpi_jobs.kmer_store import (
+    Results,
+    Store,
+    bins_per_rank,
+    count_bins,
+    projected_store,
+    top_by_count,
+)
 from mpi_jobs.manifest import atomic_write, atomic_write_text, sha256_file, write_manifest
 from mpi_jobs.runtime import (
     CollectiveError,
@@ -69,7 +78,6 @@ from mpi_jobs.runtime import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from mpi_jobs.fastx import Chunk
 
 PROG = "kmer"
 FAIL_RANK_ENV = "CLUSTERFLOW_KMER_FAIL_RANK"
@@ -84,9 +92,6 @@ MAX_CHUNK_BYTES = 256 << 20  # keeps every Alltoallv count (uint32 words) below 
 # (interpreter, imports, MPI_Init), and "jit", loading numba's cached machine code (or
 # compiling it, the first time after a source change).
 PHASES = ("startup", "jit", "read", "parse", "split", "agree", "exchange", "count", "output")
-BIN_INPUT_BYTES = 128 << 10  # input bytes per bin (see `_bins_per_rank`)
-MAX_BINS_PER_RANK = 1 << 14
-LOAD_HINT = 0.7  # kmer_bins.LOAD
 
 
 def _k(text: str) -> int:
@@ -146,66 +151,9 @@ def decode(codes: np.ndarray, k: int) -> list[str]:
     return [row.decode("ascii") for row in np.ascontiguousarray(letters).view(f"S{k}").ravel()]
 
 
-def _lines_at(data: bytes, offset: int, count: int) -> list[bytes]:
-    out = []
-    for _ in range(count):
-        if offset >= len(data):
-            break
-        nl = data.find(b"\n", offset)
-        nl = len(data) if nl < 0 else nl
-        out.append(data[offset:nl].rstrip(b"\r"))
-        offset = nl + 1
-    return out
-
-
-_FOUR_LINES = ("FASTQ records must be 4 lines (header, sequence, '+', quality); wrapped "
-               "multi-line FASTQ is not supported: unwrap it first (e.g. seqtk seq)")
-
-
-def _describe_error(path: Path, chunk: Chunk, err: int, at: int, record_at: int) -> str:
-    """One line naming the file, the line number and the fault (error path only: it reads
-    the input again up to the fault to count lines)."""
-    from mpi_jobs.fastx import line_number
-    from mpi_jobs.kmer_numba import (
-        ERR_HEADER,
-        ERR_HEADER_LONG,
-        ERR_PLUS_TITLE,
-        ERR_QUALITY,
-        ERR_QUALITY_CHAR,
-        ERR_SEPARATOR,
-        MAX_HEADER_BYTES,
-    )
-
-    data = chunk.data
-    line_no = line_number(path, chunk.offset + at)
-    if err == ERR_HEADER_LONG:
-        return (f"--input {path} line {line_no}: FASTA header longer than {MAX_HEADER_BYTES} "
-                "bytes; shorten the header lines")
-    lines = _lines_at(data, record_at, 4)
-    if err == ERR_HEADER:
-        head = lines[0][:40].decode("utf-8", "replace") if lines else ""
-        return (f"--input {path} line {line_no}: malformed FASTQ: expected a header line "
-                f"starting with '@', got {head!r}; {_FOUR_LINES}")
-    name = lines[0][1:].split(maxsplit=1)[0].decode("utf-8", "replace") if lines else ""
-    where = f"--input {path} line {line_no}: malformed FASTQ record {name!r}"
-    if err == ERR_SEPARATOR:
-        return f"{where}: its third line must start with '+'; {_FOUR_LINES}"
-    if err == ERR_PLUS_TITLE:
-        plus = _lines_at(data, at, 1)[0][:40].decode("utf-8", "replace")
-        return (f"{where}: its '+' line {plus!r} names another record (it may only repeat "
-                "the header's title or be a bare '+')")
-    if err == ERR_QUALITY_CHAR:
-        return (f"{where}: the quality line holds byte {data[at]:#04x}, which is not a quality "
-                "character ('!' to '~')")
-    if err == ERR_QUALITY and len(lines) == 4:
-        return (f"{where}: the quality line has {len(lines[3])} characters but the sequence "
-                f"has {len(lines[1])}")
-    return f"{where}: the record is truncated; {_FOUR_LINES}"
-
-
 def _exchange(
     comm: MPI.Intracomm, sendbuf: np.ndarray, bin_bytes: np.ndarray, part_bytes: np.ndarray,
-    store: _Store,
+    store: Store,
 ) -> None:
     """Send each owner its bins' records (one ``Alltoall`` of per-bin byte counts, one
     ``Alltoallv`` of the records as uint32 words) straight into this rank's `store`."""
@@ -231,170 +179,6 @@ def _exchange(
     for src in range(size):
         if recv_bins[src].any():
             store.add_block(at + 4 * int(rdispls[src]), recv_bins[src])
-
-
-class _Store:
-    """This rank's received records: one byte buffer, and per received block the offset of
-    each of this rank's bins in it. Capacity is reserved generously (pages never written cost
-    no memory) so the buffer is rarely copied while it grows."""
-
-    def __init__(self, per: int, projected: int = 0) -> None:
-        self.per = per
-        self.data = np.empty(max(projected, 1 << 16), dtype=np.uint8)
-        self.used = 0
-        self.blocks: list[np.ndarray] = []
-        self.projected = projected
-
-    def reserve(self, nbytes: int) -> int:
-        """Make room for `nbytes` more; returns where they go."""
-        need = self.used + nbytes
-        if need > self.data.size:
-            grown = np.empty(max(need + need // 2, self.projected), dtype=np.uint8)
-            grown[: self.used] = self.data[: self.used]
-            self.data = grown
-        at = self.used
-        self.used = need
-        return at
-
-    def add_block(self, at: int, bin_bytes: np.ndarray) -> None:
-        offsets = np.empty(self.per + 1, dtype=np.int64)
-        offsets[0] = at
-        np.cumsum(bin_bytes, out=offsets[1:])
-        offsets[1:] += at
-        self.blocks.append(offsets)
-
-    def offsets(self) -> np.ndarray:
-        if not self.blocks:
-            return np.zeros((0, self.per + 1), dtype=np.int64)
-        return np.stack(self.blocks)
-
-    def load(self, data: np.ndarray, offsets: np.ndarray) -> None:
-        at = self.reserve(data.size)
-        self.data[at : at + data.size] = data
-        self.blocks = [row + at for row in offsets]
-
-
-def _projected_store(input_bytes: int, k: int, ranks: int, chunk_bytes: int) -> int:
-    """Record bytes a rank can expect: at most ~1 per input byte (FASTA at k > 12: records of
-    several k-mers, 2 bits a base) and up to 4 for short k (a record per k-mer). It is
-    reserved, never touched unless used, so erring high costs address space, not memory;
-    capped at half the machine's memory so the reservation itself is never refused."""
-    from mpi_jobs.kmer_bins import record_bound
-
-    per_byte = 1.1 if k > 12 else 4.0
-    want = int(input_bytes * per_byte / ranks) + chunk_bytes * record_bound(k)
-    try:
-        half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (OSError, ValueError):
-        half = want
-    return min(want, half)
-
-
-def _bins_per_rank(input_bytes: int, ranks: int) -> int:
-    """Enough bins that one bin's table (~1 distinct k-mer per 10 input bytes of 15x-covered
-    reads, far fewer than that for a genome) stays in a core's cache: ~`BIN_INPUT_BYTES` of
-    input a bin."""
-    return int(min(MAX_BINS_PER_RANK, max(16, -(-input_bytes // (BIN_INPUT_BYTES * ranks)))))
-
-
-class _Results:
-    """Folds each counted bin into the histogram and the top list as it comes, so a rank
-    never holds all its (k-mer, count) pairs unless the full dump asks for them."""
-
-    SMALL = 1 << 16
-
-    def __init__(self, top: int) -> None:
-        self.top = top
-        self.tally = np.zeros(self.SMALL, dtype=np.int64)
-        self.big: list[np.ndarray] = []
-        self.keys: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
-        self.pending = 0
-        self.threshold = 0
-        self.distinct = 0
-
-    def add(self, keys: np.ndarray, vals: np.ndarray) -> None:
-        if not vals.size:
-            return
-        self.distinct += vals.size
-        if int(vals.max()) < self.SMALL:
-            tally = np.bincount(vals)
-        else:
-            self.big.append(vals[vals >= self.SMALL])
-            tally = np.bincount(vals[vals < self.SMALL])
-        self.tally[: tally.size] += tally
-        if self.top == 0:
-            self.keys.append(keys)
-            self.vals.append(vals)
-            return
-        if self.threshold:
-            keep = vals >= self.threshold
-            keys, vals = keys[keep], vals[keep]
-        self.keys.append(keys)
-        self.vals.append(vals)
-        self.pending += vals.size
-        if self.pending > 4 * self.top + 4096:
-            self._prune()
-
-    def _prune(self) -> None:
-        keys, vals = _top(np.concatenate(self.keys), np.concatenate(self.vals), self.top)
-        self.keys, self.vals, self.pending = [keys], [vals], vals.size
-        if vals.size == self.top:
-            self.threshold = int(vals[-1])
-
-    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
-        present = np.flatnonzero(self.tally)
-        counts, kmers = present, self.tally[present]
-        if self.big:
-            more, tally = np.unique(np.concatenate(self.big), return_counts=True)
-            counts, kmers = np.concatenate([counts, more]), np.concatenate([kmers, tally])
-        return counts, kmers
-
-    def items(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every entry (the full dump) or this rank's top candidates."""
-        if not self.keys:
-            return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
-        keys, vals = np.concatenate(self.keys), np.concatenate(self.vals)
-        self.keys, self.vals = [], []
-        return keys, vals
-
-
-def _count_bins(store: _Store, k: int, results: _Results) -> None:
-    """Count every bin of this rank, one at a time, in a cache-sized table."""
-    from mpi_jobs.kmer_bins import count_bin, table_items
-
-    offsets = store.offsets()
-    bin_bytes = (offsets[:, 1:] - offsets[:, :-1]).sum(axis=0)
-    table = np.empty((1 << 12, 2), dtype=np.uint64)
-    ratio = 1.0  # distinct k-mers per record byte so far: sizes the next bin's table
-    seen_bytes = seen_distinct = 0
-    for b in range(store.per):
-        if not bin_bytes[b]:
-            continue
-        want = max(1 << 10, 1 << int(bin_bytes[b] * ratio * 1.2 / LOAD_HINT).bit_length())
-        if want > table.shape[0]:
-            table = np.empty((want, 2), dtype=np.uint64)
-        table, rows, used = count_bin(store.data, offsets, b, k, table, want)
-        results.add(*table_items(table, rows, used))
-        seen_bytes += int(bin_bytes[b])
-        seen_distinct += used
-        ratio = seen_distinct / seen_bytes
-
-
-def _top(codes: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `n` most frequent (all if n == 0), by count descending then k-mer.
-
-    A partition finds the n-th largest count first, so only the candidates at or above it
-    (all of the top n, plus any ties) are fully sorted.
-    """
-    if n and n < counts.size:
-        threshold = np.partition(counts, counts.size - n)[counts.size - n]
-        keep = np.flatnonzero(counts >= threshold)
-        codes, counts = codes[keep], counts[keep]
-    order = np.lexsort((codes, -counts))
-    if n:
-        order = order[:n]
-    return codes[order], counts[order]
 
 
 def _process_age() -> float:
@@ -497,13 +281,13 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
     t0 = time.perf_counter()
     _warm_up(args.k)
     jit_seconds = time.perf_counter() - t0
-    per = _bins_per_rank(input_bytes, size)
+    per = bins_per_rank(input_bytes, size)
     nbins = per * size
     m = minimizer_length(args.k)
     # Expected record bytes this rank receives (~0.5 B per input byte: FASTQ's sequence is
     # under half of it, 2 bits a base plus the overlap of k - 1 bases a record); reserved, not
     # touched, so an overestimate costs address space, not memory.
-    store = _Store(per, projected=_projected_store(input_bytes, args.k, size, args.chunk_bytes))
+    store = Store(per, projected=projected_store(input_bytes, args.k, size, args.chunk_bytes))
     stats = np.zeros(3, dtype=np.int64)  # records, bases, k-mer occurrences parsed here
     round_ = 0
     if checkpointer is not None and args.restart:
@@ -566,7 +350,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
                         starts=starts,
                     )
                     if err:
-                        problem = _describe_error(args.input, chunk, err, at, record_at)
+                        problem = describe_error(args.input, chunk, err, at, record_at)
                     stats += (records, bases, n)
                 t2 = time.perf_counter()
                 phases["parse"] += t2 - t1
@@ -612,10 +396,10 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         source.close()
     del codes, starts, first, length, bins, sendbuf
 
-    results = _Results(args.top)
+    results = Results(args.top)
     with timer:
         t0 = time.perf_counter()
-        _count_bins(store, args.k, results)
+        count_bins(store, args.k, results)
         del store  # every bin is counted: the records are not needed any more
         phases["count"] = time.perf_counter() - t0
     t_output = time.perf_counter()
@@ -623,7 +407,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
         hist_counts, hist_kmers = results.histogram()
         keys, vals = results.items()
         if args.top:
-            top_keys, top_vals = _top(keys, vals, args.top)
+            top_keys, top_vals = top_by_count(keys, vals, args.top)
         else:  # the full dump: sorted here, merged on rank 0 (`mpi_jobs.kmer_dump`)
             keys, vals = sort_run(keys, vals)
     hists = comm.gather((hist_counts, hist_kmers), root=0)
@@ -638,7 +422,7 @@ def _run(argv: list[str] | None, comm: MPI.Intracomm) -> int:
             assert tops is not None
             all_keys = np.concatenate([t[0] for t in tops])
             all_vals = np.concatenate([t[1] for t in tops])
-            best_keys, best_vals = _top(all_keys, all_vals, args.top)
+            best_keys, best_vals = top_by_count(all_keys, all_vals, args.top)
             counts_text = "".join(
                 f"{kmer}\t{count}\n"
                 for kmer, count in zip(decode(best_keys, args.k), best_vals.tolist(), strict=True)
