@@ -18,7 +18,7 @@ import yaml
 from flows.cli import _steps_summary
 from infra.clusters.slurm_local import LocalSlurm, slurm_env
 from tests.conftest import run_cli
-from tests.infra.backends.test_spot_array_requeue import reclaim
+from tests.infra.backends.test_spot_array_requeue import SLOW, reclaim
 from tests.slurm_fixtures import ensure_local_slurm
 
 
@@ -59,7 +59,7 @@ def test_a_reclaimed_sweep_point_resumes_and_the_summary_says_so(aws, cli_env, t
         "slurm": {"launcher": "mpiexec", "overcommit": True, "requeue": True,
                   "max_interruptions": 2},
         "storage": {"input_bucket": "spot-sweep-in", "results_bucket": "spot-sweep-out"},
-        "steps": [{"name": "sim", "uses": "heat", "checkpoint_every": 100,
+        "steps": [{"name": "sim", "uses": "heat", "checkpoint_every": 100, "env": SLOW,
                    "parameters": {"nx": 192, "ny": 192, "steps": 800, "diag_every": 0},
                    "sweep": {"alpha": [0.1, 0.2], "max_parallel": 2}}]}))
     env = {**os.environ, **cli_env}

@@ -30,7 +30,7 @@ from infra.backends.remote_shell import LocalShell
 from infra.backends.settings import ParallelClusterSettings
 from infra.clusters.slurm_local import LocalSlurm, slurm_env
 from mpi_jobs.catalog import KERNELS, HeatParameters
-from tests.infra.backends.test_spot_array_requeue import reclaim
+from tests.infra.backends.test_spot_array_requeue import SLOW, reclaim
 from tests.slurm_fixtures import REPO, ensure_local_slurm
 
 HEAT = KERNELS["heat"]
@@ -115,7 +115,7 @@ def _run(provider: ParallelClusterProvider, root: Path, name: str, *,
         PARAMS, remote / "in.npy", remote / "out", checkpoint_dir=remote / "ck",
         checkpoint_every=EVERY, restart=True))
     job = provider.submit(provider.launcher().command(1, argv), ranks=1, job_name="heat",
-                          workdir=root / "local" / name)
+                          workdir=root / "local" / name, env=SLOW)
     seen: list[JobState] = []
     exit_files: set[str] = set()
     deadline = time.monotonic() + 300

@@ -31,6 +31,11 @@ HEAT = KERNELS["heat"]
 POINTS = {0: HeatParameters(nx=192, ny=192, steps=800, diag_every=0, alpha=0.10),
           1: HeatParameters(nx=192, ny=192, steps=800, diag_every=0, alpha=0.20)}
 EVERY = 100
+# Each step sleeps this long (``mpi_jobs.runtime.step_delay``), so a job lasts seconds, not
+# the fraction of a second a fast heat update takes: the reclaim must hit it while it runs.
+# Without it, on a quiet machine the job could finish before the reclaim, and Slurm also
+# requeues a finished batch job, so the test saw a "resume" of a job that had completed.
+SLOW = {"CLUSTERFLOW_STEP_DELAY_SECONDS": "0.01"}
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +52,16 @@ def _newest_step(ck: Path) -> int:
     return max(done, default=0)
 
 
+def assert_running(job_id: str, env: dict[str, str]) -> str:
+    """The job's ``scontrol show job -o`` line, once it is known to be RUNNING: a reclaim of
+    a job that already finished would prove nothing (Slurm requeues finished jobs too)."""
+    show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                          text=True, env=env).stdout
+    assert "JobState=RUNNING" in show, (
+        f"job {job_id} is not running at the reclaim (make it longer with {SLOW}): {show}")
+    return show
+
+
 def reclaim(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
     """``scontrol requeue`` (the reclaim), then let the job start again at once.
 
@@ -57,6 +72,7 @@ def reclaim(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
     issued in the same second the old attempt's was revoked ("Killing non-startable batch
     job: Job credential revoked", the job then FAILS), which is what the hold guards against.
     """
+    assert_running(job_id, env)
     got = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
                          env=env)
     assert got.returncode == 0, got.stderr
@@ -83,7 +99,7 @@ def reclaim_node(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
         return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
                               text=True, env=env).stdout
 
-    node = show().split(" NodeList=")[1].split()[0]
+    node = assert_running(job_id, env).split(" NodeList=")[1].split()[0]
     got = subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN",
                           "Reason=clusterflow test: spot reclaim"], capture_output=True,
                          text=True, env=env)
@@ -114,7 +130,7 @@ def _items(work: Path) -> list[ArrayItem]:
         argv = python_module(HEAT.module, *HEAT.argv(
             params, point / "in.npy", point / "out", checkpoint_dir=point / "ck",
             checkpoint_every=EVERY, restart=True))
-        items.append(ArrayItem(index, argv, point, {"PYTHONPATH": str(REPO)}))
+        items.append(ArrayItem(index, argv, point, {"PYTHONPATH": str(REPO), **SLOW}))
     return items
 
 

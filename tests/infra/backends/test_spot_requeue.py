@@ -26,7 +26,7 @@ from infra.backends.providers.spot import (
 )
 from infra.clusters.slurm_local.cluster import LocalSlurm
 from mpi_jobs.catalog import KERNELS, HeatParameters
-from tests.infra.backends.test_spot_array_requeue import reclaim, reclaim_node
+from tests.infra.backends.test_spot_array_requeue import SLOW, reclaim, reclaim_node
 from tests.slurm_fixtures import ensure_local_slurm
 
 REPO = Path(__file__).resolve().parents[3]
@@ -63,7 +63,7 @@ def _run(work: Path, *, requeue_at: int | None, max_interruptions: int = 2,
     provider = SlurmProvider(launcher="mpiexec", overcommit=True, requeue=True,
                              max_interruptions=max_interruptions)
     job = provider.submit(provider.launcher().command(2, argv), ranks=2, job_name="heat",
-                          workdir=work, env={"PYTHONPATH": str(REPO)})
+                          workdir=work, env={"PYTHONPATH": str(REPO), **SLOW})
     deadline = time.monotonic() + timeout
     while True:
         status = provider.status(job)
