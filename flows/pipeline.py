@@ -276,7 +276,8 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
     with aws_target(spec.aws, spec.region) as aws, \
             budget_watch(spec, spec_path, aws, logger.warning):
         applied = timed("provision", provision, spec, aws, run_dir)
-        outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger)
+        outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger,
+                        timed)
         sent = timed("publish", publish_manifest, spec, aws, run_id, run_dir)
         queues = timed("consume", consume, aws, applied, f"{spec.storage.results_prefix}"
                        f"{run_id}/{MANIFEST}")
