@@ -52,10 +52,6 @@ def fsx_refusal(spec: Any) -> str | None:
     root = spec.parallelcluster.remote_root
     where = (f"scratch_dir ({spec.scratch_dir}) is not the cluster's shared storage "
              f"parallelcluster.remote_root ({root})")
-    if spec.reuse_result and not spec.steps:
-        return (f"{where}, so the run stages through FSx, where the single-kernel pipeline "
-                "does not support reuse_result (a steps: pipeline does): drop reuse_result "
-                "or run on the head node")
     s = spec.storage
     # A steps: run's inputs are known from its graph, checked by steps_problems at load.
     keys = [] if spec.steps else [input_key(spec)]

@@ -16,6 +16,10 @@ published manifest trustworthy:
    event. With a SCRATCH ``ExportPath`` the results are first copied (server side, verified)
    from there to the run's results prefix.
 
+With ``reuse_result`` an earlier result under the same key (``flows.result_cache``: kernel,
+parameters, input bytes) is copied in S3 to this run's prefix (server side, S3's SHA-256
+compared with the manifest): no cluster, no file system, no job.
+
 Nothing here reads the cluster's disk from this machine: the manifest comes back through S3,
 the job's output through the provider's log mirror.
 """
@@ -31,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
 
 from flows.errors import MpiJobFailed
 from flows.fsx_checks import raw_config
@@ -356,14 +362,43 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
 
     Returns the (possibly re-sized) spec, the input, the run's record and what was published.
     ``fsx_client`` replaces the FSx client (tests stub the data repository task calls);
-    ``tasks``: run the stages as Prefect tasks (inside a flow).
+    ``tasks``: run the stages as Prefect tasks (inside a flow). With ``reuse_result`` (inside
+    a flow) an earlier result for the same kernel, parameters and input bytes is copied in S3
+    to this run's prefix instead: no cluster, no file system, no job.
     """
     stage = as_tasks(timed) if tasks else timed
-    run = plan_run(spec, run_id, run_dir)
     src = stage("stage_in", ensure_input, spec, aws, run_dir, logger)
     if spec.kernel.input_key is not None and spec.kernel.name == "heat":
         bucket, _, key = src.uri[len("s3://"):].partition("/")
         spec = grid_for_shape(spec, npy_shape(aws, bucket, key), Path(key).name)
+    work = (spec, aws, run_dir, run_id, logger, timed, stage, open_backend, fsx_client, src)
+    if not spec.reuse_result:
+        return compute_through_fsx(*work)
+    from prefect import task
+
+    from flows.result_cache import result_cache_key
+
+    cached = task(_compute_record, name="mpi_run", cache_key_fn=result_cache_key,
+                  result_serializer="json", persist_result=True)
+    outcome: dict[str, Any] = {}
+    record = timed("mpi_run", cached, spec, src.sha256, work, outcome)
+    if record["run_id"] == run_id:
+        return outcome["result"]
+    try:
+        sent = timed("fetch_result", copy_result, spec, aws, record, run_id, run_dir, logger)
+    except (IntegrityError, VerifyError, ClientError) as e:
+        logger.warning("cannot reuse run %s (%s); computing again", record["run_id"], e)
+        timed("mpi_run", cached.with_options(refresh_cache=True), spec, src.sha256, work,
+              outcome)
+        return outcome["result"]
+    return spec, src, record, sent  # the input was never staged
+
+
+def compute_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: str,
+                        logger: Any, timed: Timed, stage: Timed, open_backend: Any,
+                        fsx_client: Any, src: Transferred,
+                        ) -> tuple[PipelineSpec, Transferred, dict[str, Any], list[Transferred]]:
+    run = plan_run(spec, run_id, run_dir)
     with contextlib.ExitStack() as stack:
         provider = timed("cluster", stack.enter_context, open_backend(spec, aws, logger))
         staging = open_staging(spec, aws, run, provider, run_id, logger, fsx_client)
@@ -373,3 +408,32 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
                                run_dir, logger)
     staged = Transferred(src.uri, Path(mounted), src.bytes, src.sha256)
     return spec, staged, {"run_id": run_id, "manifest": manifest}, sent
+
+
+def _compute_record(spec: PipelineSpec, input_sha256: str, work: tuple[Any, ...],
+                    outcome: dict[str, Any]) -> dict[str, Any]:
+    """The cached unit of a reusable result: the whole FSx run; its record (this run's id
+    and manifest) is what a later run with the same key gets back without running it."""
+    outcome["result"] = compute_through_fsx(*work)
+    return outcome["result"][2]
+
+
+def copy_result(spec: PipelineSpec, aws: AwsTarget, record: dict[str, Any], run_id: str,
+                run_dir: Path, logger: Any) -> list[Transferred]:
+    """An earlier run's results copied in S3 (server side, SHA-256 computed by S3 and
+    compared with its manifest) to this run's prefix, then the manifest, last."""
+    bucket, prefix = spec.storage.results_bucket, f"{spec.storage.results_prefix}{run_id}/"
+    earlier = f"{spec.storage.results_prefix}{record['run_id']}/"
+    manifest, sent = record["manifest"], []
+    for f in manifest["files"]:
+        _copy_verified(aws, (bucket, earlier + f["name"]), (bucket, prefix + f["name"]),
+                       f["sha256"])
+        sent.append(Transferred(f"s3://{bucket}/{prefix}{f['name']}", Path(f["name"]),
+                                int(f.get("bytes", 0)), f["sha256"]))
+    local = run_dir / "out" / MANIFEST
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(json.dumps({**manifest, "reused_from": record["run_id"]}, indent=2) + "\n")
+    sent.append(upload(aws, local, bucket, prefix + MANIFEST))
+    logger.info("reused the result of run %s (same kernel, parameters and input): %d file(s) "
+                "copied in S3 and verified, nothing ran", record["run_id"], len(sent) - 1)
+    return sent

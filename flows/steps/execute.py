@@ -215,10 +215,8 @@ def publish_point(run: StepRun, point: Point, out: Path, record: dict[str, Any])
 
 def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[str, Any]:
     """Run one point and publish its outputs; PointFailed on any failure."""
-    if run.fsx is not None:
-        from flows.steps.fsx import execute_point_fsx
-
-        return execute_point_fsx(run, run.fsx, point, identity)
+    if run.fsx is not None:  # staged through the cluster's FSx (flows.steps.fsx)
+        return run.fsx.execute_point(run, point, identity)
     step = run.plan.steps[point.step]
     backend = run.backend_of(step)
     work = run.point_dir(point)
@@ -317,9 +315,7 @@ def reuse_point(run: StepRun, point: Point, earlier: dict[str, Any]) -> dict[str
     """An earlier run's outputs for the same point, verified, in this run's out dir and
     published under this run (``computed_by`` keeps naming the run that computed them)."""
     if run.fsx is not None:
-        from flows.steps.fsx import reuse_point_fsx
-
-        return reuse_point_fsx(run, run.fsx, point, earlier)
+        return run.fsx.reuse_point(run, point, earlier)
     out = run.point_dir(point) / "out"
     bucket = run.spec.storage.results_bucket
     for f in earlier["files"]:

@@ -185,6 +185,14 @@ class StepsFsx:
 
     # ---------------------------------------------------------------- one point
 
+    def execute_point(self, run: StepRun, point: Point, identity: dict[str, Any],
+                      ) -> dict[str, Any]:
+        return execute_point_fsx(run, self, point, identity)
+
+    def reuse_point(self, run: StepRun, point: Point, earlier: dict[str, Any],
+                    ) -> dict[str, Any]:
+        return reuse_point_fsx(run, self, point, earlier)
+
     def input_paths(self, run: StepRun, point: Point, work: PurePosixPath,
                     ) -> tuple[dict[str, PurePosixPath], set[str], list[tuple[str, str]]]:
         """The mounted path of each input, which of them are files, and the links the job
@@ -287,7 +295,11 @@ def execute_point_fsx(run: StepRun, fsx: StepsFsx, point: Point,
         provider = run.backends.get(backend)
         command = fsx.hand_over(provider, step, point, out, links,
                                 wrap(step, provider, backend, ranks, argv))
-        env = {**job_env(step, values), **run.telemetry}
+        # This machine's PATH and PYTHONPATH mean nothing on the cluster (the job puts its
+        # own interpreter's folder first); a step's own env: values still apply.
+        env = {k: v for k, v in job_env(step, values).items()
+               if k not in ("PATH", "PYTHONPATH") or k in step.env}
+        env |= run.telemetry
         run.logger.info("%s on %s (%d rank%s) through FSx: %s", point.task_name, backend,
                         ranks, "s" * (ranks != 1), " ".join(command))
         job = _submit(run, provider, step, point, command, ranks, run.point_dir(point), env)

@@ -13,7 +13,8 @@ the step's globs (``--glob``, none: every file) name under ``OUT``, chosen by th
 as when the flow sees the folder (``infra.staging.outputs``), and a kernel's own
 ``manifest.json`` is carried in the sums file. ``--link LINK TARGET`` makes the links the
 step reads its upstream outputs and file inputs through before the command starts (only
-the cluster sees the file system, so only it can make them).
+the cluster sees the file system, so only it can make them), and the folder of the
+interpreter running this leads the command's ``PATH``.
 
 Why: the manifest's arrival in S3 is the "results ready" event. Had the kernel written it
 under the exported path, an ``AutoExportPolicy`` (or the export task) would publish it before
@@ -126,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("give the ranks' command after --")
+    env = None
     if args.step:
         make_links(args.out, args.link)
-    rc = subprocess.run(command, check=False).returncode
+        # `python` (and the launcher beside it) in a step's command is the interpreter that
+        # runs this on the cluster, as the venv's is where clusterflow runs the steps itself.
+        env = {**os.environ, "PATH": os.pathsep.join(
+            p for p in (os.path.dirname(sys.executable), os.environ.get("PATH")) if p)}
+    rc = subprocess.run(command, check=False, env=env).returncode
     if rc != 0:
         return rc
     record = (hand_over_step(args.out, args.export, args.glob) if args.step

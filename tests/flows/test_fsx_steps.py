@@ -228,6 +228,14 @@ def test_a_staged_sweep_and_fan_in_publish_verified_outputs_then_the_manifest(
     step_json = json.loads(_get(world, prefix + "sim/alpha=0.1/step.json"))
     assert step_json["kernel_manifest"]["files"]  # the kernel's own manifest, embedded
     assert all(q["verified"] == 1 for q in summary["fanout"]["queues"].values())
+    # the points worked on the mount; the fan-in read the exported fields through links
+    on_fsx = Path(world.remote_root) / run_id
+    link = on_fsx / "total" / "in" / "fields" / "alpha=0.1" / "field.npy"
+    assert link.resolve() == world.mount / "results" / "runs" / run_id / "sim" / "alpha=0.1" \
+        / "field.npy"
+    assert (on_fsx / "sim" / "alpha=0.2" / "out").is_dir()
+    script = (on_fsx / "total.sbatch").read_text()  # this machine's paths are not sent
+    assert "export PATH=" not in script and "export PYTHONPATH=" not in script
     # nothing but job logs and records went through this machine's scratch
     local = tmp_path / "local" / run_id
     assert not list(local.rglob("*.npy")) and not list(local.rglob("total.txt"))
