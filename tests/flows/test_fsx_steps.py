@@ -155,7 +155,8 @@ def fsx_stub(world: World, run_id: str, tasks: list[tuple[str, str]]) -> Iterato
 
 
 def run_flow(world: World, local_slurm: LocalSlurm, client: Any, run_id: str,
-             prefect_api: str, monkeypatch: Any, tmp_path: Path) -> dict[str, Any]:
+             prefect_api: str, monkeypatch: Any, tmp_path: Path,
+             open_backend: Any = None) -> dict[str, Any]:
     """hpc_pipeline itself on the spec, the cluster the head-node stand-in."""
     from prefect.settings import (
         PREFECT_API_URL,
@@ -172,7 +173,8 @@ def run_flow(world: World, local_slurm: LocalSlurm, client: Any, run_id: str,
     monkeypatch.setenv("AWS_ENDPOINT_URL", world.aws.endpoint_url)
     monkeypatch.setenv("CLUSTERFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(flows.backends, "open_backend", head_node(world, local_slurm))
+    monkeypatch.setattr(flows.backends, "open_backend",
+                        open_backend or head_node(world, local_slurm))
     monkeypatch.setattr(flows.fsx_staging, "Fsx",
                         lambda target, **kw: Fsx(target, **{**kw, "client": client}))
     with temporary_settings(updates={PREFECT_API_URL: prefect_api,
@@ -357,3 +359,70 @@ def test_dry_run_lists_the_fsx_calls_of_a_staged_steps_run(aws, tmp_path):
     assert run_actions(load_spec(world.spec_path)) == RUN_ACTIONS + FSX_ACTIONS
     _edit(world, spec={"scratch_dir": world.remote_root})
     assert run_actions(load_spec(world.spec_path)) == RUN_ACTIONS
+
+
+def test_a_reclaimed_staged_point_resumes_from_its_checkpoints_on_the_mount(
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
+    """A Spot queue: the point's job is requeued mid-run (scontrol requeue, the reclaim), the
+    same script runs again, the kernel resumes from the checkpoints in the point's folder on
+    the file system, and the exported field is bitwise the uninterrupted one."""
+    import subprocess
+    import sys
+    import time
+
+    from infra.backends.providers.parallelcluster import ParallelClusterProvider
+    from infra.backends.remote_shell import LocalShell
+    from infra.clusters.slurm_local.layout import slurm_env
+    from tests.flows.test_fsx_pipeline import REPO
+    from tests.infra.backends.test_spot_array_requeue import reclaim
+
+    world = World(aws, tmp_path)
+    raw = yaml.safe_load(world.spec_path.read_text())
+    del raw["kernel"]
+    params = {"nx": 192, "ny": 192, "steps": 800, "diag_every": 0, "alpha": 0.2}
+    raw["steps"] = [{"name": "sim", "uses": "heat", "checkpoint_every": 100,
+                     "parameters": params}]
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    run_id = "steps-fsx-spot"
+    env = {**slurm_env(local_slurm.layout.root), "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONPATH": str(REPO)}
+
+    @contextlib.contextmanager
+    def spot_head_node(spec: Any, aws: Any, logger: Any) -> Iterator[ParallelClusterProvider]:
+        yield ParallelClusterProvider(LocalShell(env=env), remote_root=world.remote_root,
+                                      run_as=None, python=sys.executable, requeue=True,
+                                      max_interruptions=2)
+
+    checkpoints = Path(world.remote_root) / run_id / "sim" / "checkpoints"
+    done: list[str] = []
+
+    def reclaimer(stop: threading.Event) -> None:
+        while not stop.is_set():
+            steps = [json.loads(c.read_text())["step"]
+                     for c in checkpoints.glob("*/COMPLETE.json")] if checkpoints.is_dir() else []
+            if max(steps, default=0) >= 300:
+                ids = subprocess.run(["squeue", "-h", "-n", "sim", "-o", "%i"], env=env,
+                                     capture_output=True, text=True).stdout.split()
+                if ids:
+                    reclaim(ids[0], env)
+                    done.append(ids[0])
+                    return
+            time.sleep(0.1)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=reclaimer, args=(stop,), daemon=True)
+    watcher.start()
+    try:
+        with fsx_stub(world, run_id, [(IMPORT, "SUCCEEDED"), (EXPORT, "SUCCEEDED")]) as client:
+            summary = run_flow(world, local_slurm, client, run_id, prefect_api, monkeypatch,
+                               tmp_path, spot_head_node)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert done, "the point finished before it could be reclaimed"
+    point = _points(summary)["sim"]
+    assert point["state"] == "completed" and point["spot"]["interruptions"] == 1
+    log = (tmp_path / "local" / run_id / "sim.out").read_text()  # the job's mirrored stdout
+    assert "restarting from step" in log, log
+    field = np.load(io.BytesIO(_get(world, f"runs/{run_id}/sim/field.npy")))
+    assert np.array_equal(field, reference_solution(heat_hotspots(192, 192), 800, 0.2))
