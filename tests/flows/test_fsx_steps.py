@@ -374,7 +374,7 @@ def test_a_reclaimed_staged_point_resumes_from_its_checkpoints_on_the_mount(
     from infra.backends.remote_shell import LocalShell
     from infra.clusters.slurm_local.layout import slurm_env
     from tests.flows.test_fsx_pipeline import REPO
-    from tests.infra.backends.test_spot_array_requeue import reclaim
+    from tests.infra.backends.test_spot_array_requeue import SLOW, reclaim
 
     world = World(aws, tmp_path)
     raw = yaml.safe_load(world.spec_path.read_text())
@@ -384,8 +384,9 @@ def test_a_reclaimed_staged_point_resumes_from_its_checkpoints_on_the_mount(
                      "parameters": params}]
     world.spec_path.write_text(yaml.safe_dump(raw))
     run_id = "steps-fsx-spot"
+    # SLOW: each heat step sleeps 10 ms, so the reclaim hits a running job (it asserts so).
     env = {**slurm_env(local_slurm.layout.root), "OMPI_ALLOW_RUN_AS_ROOT": "1",
-           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONPATH": str(REPO)}
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONPATH": str(REPO), **SLOW}
 
     @contextlib.contextmanager
     def spot_head_node(spec: Any, aws: Any, logger: Any) -> Iterator[ParallelClusterProvider]:
