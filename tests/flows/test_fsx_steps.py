@@ -57,9 +57,9 @@ def local_slurm() -> LocalSlurm:
 
 
 def steps_world(aws: Any, tmp_path: Path, *, max_parallel: int = 2,
-                reuse: bool = False) -> World:
+                reuse: bool = False, scratch: bool = False) -> World:
     """World's buckets, cluster config and file system, with a steps: spec."""
-    world = World(aws, tmp_path)
+    world = World(aws, tmp_path, scratch=scratch)
     (tmp_path / "summarise.py").write_text(SUMMARISE)
     raw = yaml.safe_load(world.spec_path.read_text())
     del raw["kernel"]
@@ -350,6 +350,18 @@ def test_what_a_staged_steps_run_cannot_do_is_refused_at_load(aws, tmp_path):
                         "inputs": {"fields": "steps.sim.outputs/field.npy"}},
           spec={"scratch_dir": world.remote_root})
     assert not uses_fsx(load_spec(world.spec_path))
+
+
+def test_reuse_result_is_refused_where_results_cannot_come_back_onto_the_file_system(
+        aws, tmp_path):
+    """A SCRATCH file system exporting only to its ExportPath: a reused point's outputs could
+    not be imported back for the next step, so reuse_result is refused, naming the fix."""
+    world = steps_world(aws, tmp_path, scratch=True)
+    assert uses_fsx(load_spec(world.spec_path))  # without reuse_result it stages
+    _edit(world, spec={"reuse_result": True})
+    with pytest.raises(SpecError, match=r"reuse_result needs the results prefix imported "
+                                        r"back .* add a DataRepositoryAssociation for s3://"):
+        load_spec(world.spec_path)
 
 
 def test_dry_run_lists_the_fsx_calls_of_a_staged_steps_run(aws, tmp_path):
