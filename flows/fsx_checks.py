@@ -2,10 +2,11 @@
 
 On parallelcluster, either clusterflow runs where the storage is mounted (``scratch_dir`` is
 ``remote_root``, the run directory is shared with the ranks), or it runs anywhere and stages
-through the cluster's FSx for Lustre (``flows.fsx_staging``); a spec fitting neither is
-refused with what to change. On Batch the job stages its own data (``flows.batch_staging``).
-No ``flows.spec`` import (the spec's validator calls this) and nothing heavy: the pipeline
-imports it on every run.
+through the cluster's FSx for Lustre (``flows.fsx_staging``; a ``steps:`` graph through
+``flows.steps.fsx``, checked by :func:`steps_problems` once the graph is known); a spec
+fitting neither is refused with what to change. On Batch the job stages its own data
+(``flows.batch_staging``). No ``flows.spec`` import (the spec's validator calls this) and
+nothing heavy: the pipeline imports it on every run.
 """
 
 from __future__ import annotations
