@@ -16,6 +16,10 @@ published manifest trustworthy:
    event. With a SCRATCH ``ExportPath`` the results are first copied (server side, verified)
    from there to the run's results prefix.
 
+With ``reuse_result`` an earlier result under the same key (``flows.result_cache``: kernel,
+parameters, input bytes) is copied in S3 to this run's prefix (server side, S3's SHA-256
+compared with the manifest): no cluster, no file system, no job.
+
 Nothing here reads the cluster's disk from this machine: the manifest comes back through S3,
 the job's output through the provider's log mirror.
 """
@@ -31,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
 
 from flows.errors import MpiJobFailed
 from flows.fsx_checks import raw_config
@@ -162,27 +168,41 @@ def npy_shape(aws: AwsTarget, bucket: str, key: str) -> tuple[int, ...]:
 def stage_in_fsx(staging: FsxRunStaging, run: FsxRun, src: Transferred, logger: Any) -> str:
     """The input onto the file system; returns its path under the cluster's mount."""
     bucket, _, key = src.uri[len("s3://"):].partition("/")
-    link = run.layout.input_link(bucket, key)
-    if link is not None and link.lazy:
-        logger.info("the input %s is listed from the SCRATCH file system's ImportPath %s and "
-                    "loads lazily on the ranks' first read (no import task)", src.uri,
-                    link.repository)
-    elif link is not None and "NEW" in link.auto_import:
-        logger.info("waiting for auto-import to show %s on the file system", src.uri)
-    if link is not None and link.lazy and not link.auto_import:
+    (mounted,) = stage_keys_in(staging, run.layout, bucket, [key], logger)
+    return mounted
+
+
+def stage_keys_in(staging: FsxRunStaging, layout: FsxLayout, bucket: str, keys: list[str],
+                  logger: Any) -> list[str]:
+    """Objects of ``bucket`` onto the file system (an import task, an auto-import wait, or a
+    SCRATCH lazy load, as their link says); returns their paths under the cluster's mount."""
+    links = {layout.input_link(bucket, k) for k in keys}
+    for link in links - {None}:
+        if link.lazy:
+            logger.info("inputs under %s are listed from the SCRATCH file system's "
+                        "ImportPath: each loads lazily on the ranks' first read (no import "
+                        "task)", link.repository)
+        elif "NEW" in link.auto_import:
+            logger.info("waiting for auto-import to show the input(s) under %s on the file "
+                        "system", link.repository)
+    look_once = any(ln is not None and ln.lazy and not ln.auto_import for ln in links)
+    if look_once:
         # Only objects present when the file system was created are listed: look once.
         staging = copy.copy(staging)
         staging.visible_timeout = 0
     try:
-        (mounted,) = staging.stage_in(bucket, [key])
+        mounted = staging.stage_in(bucket, keys)
     except FsxError as e:
-        if link is not None and link.lazy and not link.auto_import:
-            raise FsxError(f"{src.uri} is not on the SCRATCH file system: its ImportPath lists "
+        if look_once:
+            what = f"s3://{bucket}/{keys[0]}" + (f" (and {len(keys) - 1} more)"
+                                                  if len(keys) > 1 else "")
+            raise FsxError(f"{what} is not on the SCRATCH file system: its ImportPath lists "
                            "only objects present when the file system was created; set "
                            "AutoImportPolicy in the cluster config or recreate the cluster"
                            ) from None
         raise FsxError(" ".join(str(e).split())) from None
-    logger.info("input on the file system at %s", mounted)
+    for m in mounted[:5]:
+        logger.info("input on the file system at %s", m)
     return mounted
 
 
@@ -244,46 +264,83 @@ def _copy_verified(aws: AwsTarget, src: tuple[str, str], dest: tuple[str, str],
                           f"s3://{src[0]}/{src[1]}, not the job's {sha}")
 
 
+def kept_note(spec: PipelineSpec, mounted: str) -> str:
+    return (f"; the results stay at {mounted} on the file system until the cluster is "
+            f"deleted (teardown: {spec.parallelcluster.teardown})")
+
+
+def export_verified(spec: PipelineSpec, aws: AwsTarget, staging: FsxRunStaging, run: FsxRun,
+                    export_fs: str, results_prefix: str,
+                    ) -> tuple[dict[str, Any], list[Transferred], str]:
+    """Export ``export_fs`` (file-system path), read the job's sums file back from S3 and
+    verify every result there by sha256; with a SCRATCH ``ExportPath`` copy each one
+    (server side, verified) to ``results_prefix``. Returns the sums record, the results as
+    published (not yet any manifest) and the export task's id. One-line errors, each saying
+    where the results still lie on the file system."""
+    kept = kept_note(spec, run.layout.mounted(export_fs))
+    try:
+        result = staging.export(export_fs)
+    except FsxError as e:  # one line, with the report's location and the failing paths
+        raise FsxError(" ".join(str(e).split()) + kept) from None
+    try:
+        record = json.loads(staging.read_exported(aws, f"{export_fs}/{SUMS}"))
+    except ValueError as e:
+        raise VerifyError(f"the exported {SUMS} is not JSON ({e})") from None
+    files = [{"name": n, "sha256": h} for n, h in record["sha256"].items()]
+    try:
+        where = staging.verify(aws, export_fs, files, result.task_id)
+    except VerifyError as e:
+        raise VerifyError(f"{e}{kept}") from None
+    bucket = spec.storage.results_bucket
+    sizes = {f["name"]: int(f.get("bytes", 0))
+             for f in record.get("files") or record.get("manifest", {}).get("files", [])}
+    sent = []
+    for f, src in zip(files, where, strict=True):
+        dest = (bucket, results_prefix + f["name"])
+        if run.copy_to_results:
+            _copy_verified(aws, src, dest, f["sha256"])
+        sent.append(Transferred(f"s3://{dest[0]}/{dest[1]}",
+                                Path(run.layout.mounted(f"{export_fs}/{f['name']}")),
+                                sizes.get(f["name"], 0), f["sha256"]))
+    logger_line = (f"export task {result.task_id}: {len(files)} result(s) verified by sha256 "
+                   f"in s3://{bucket}/{results_prefix}"
+                   + (" (copied from the SCRATCH ExportPath)" if run.copy_to_results else ""))
+    staging.progress(logger_line)
+    return record, sent, result.task_id
+
+
 def stage_out_and_publish(spec: PipelineSpec, aws: AwsTarget, staging: FsxRunStaging,
                           run: FsxRun, run_dir: Path, logger: Any,
                           ) -> tuple[dict[str, Any], list[Transferred]]:
     """Export, verify every result in S3 against the job's sums, then the manifest, last."""
-    kept = (f"; the results stay at {run.layout.mounted(run.export_fs)} on the file system "
-            f"until the cluster is deleted (teardown: {spec.parallelcluster.teardown})")
-    try:
-        result = staging.export(run.export_fs)
-    except FsxError as e:  # one line, with the report's location and the failing paths
-        raise FsxError(" ".join(str(e).split()) + kept) from None
-    try:
-        record = json.loads(staging.read_exported(aws, f"{run.export_fs}/{SUMS}"))
-    except ValueError as e:
-        raise VerifyError(f"the exported {SUMS} is not JSON ({e})") from None
+    record, sent, _ = export_verified(spec, aws, staging, run, run.export_fs,
+                                      run.results_prefix)
     manifest, sums = record["manifest"], record["sha256"]
     if {f["name"]: f["sha256"] for f in manifest["files"]} != sums:
         raise VerifyError(f"the exported {SUMS} disagrees with the kernel's manifest")
-    files = [{"name": n, "sha256": h} for n, h in sums.items()]
-    try:
-        where = staging.verify(aws, run.export_fs, files, result.task_id)
-    except VerifyError as e:
-        raise VerifyError(f"{e}{kept}") from None
     bucket = spec.storage.results_bucket
-    sent = []
-    for f, src, entry in zip(files, where, manifest["files"], strict=True):
-        dest = (bucket, run.results_prefix + f["name"])
-        if run.copy_to_results:
-            _copy_verified(aws, src, dest, f["sha256"])
-        sent.append(Transferred(f"s3://{dest[0]}/{dest[1]}",
-                                Path(run.layout.mounted(f"{run.export_fs}/{f['name']}")),
-                                int(entry.get("bytes", 0)), f["sha256"]))
-    logger.info("export task %s: %d result(s) verified by sha256 in s3://%s/%s%s",
-                result.task_id, len(files), bucket, run.results_prefix,
-                " (copied from the SCRATCH ExportPath)" if run.copy_to_results else "")
     local = run_dir / "out" / MANIFEST
     local.parent.mkdir(parents=True, exist_ok=True)
     local.write_text(json.dumps(manifest, indent=2) + "\n")
     sent.append(upload(aws, local, bucket, run.results_prefix + MANIFEST))
     logger.info("published the manifest %s", sent[-1].uri)
     return manifest, sent
+
+
+def open_staging(spec: PipelineSpec, aws: AwsTarget, run: FsxRun, provider: Any, run_id: str,
+                 logger: Any, fsx_client: Any = None) -> FsxRunStaging:
+    """The run's staging through the cluster's file system (found by its tags, in the
+    config's region), asking the head node what is visible and reporting failures under
+    the results link's ``clusterflow-fsx-reports/<run id>``."""
+    # The file system lives in the cluster's region (the config's Region), as the cluster does.
+    fsx_aws = dataclasses.replace(aws, region=config_region(raw_config(spec), aws.region))
+    results_link = next(ln for ln in run.layout.links if not ln.lazy and (
+        ln.export_only or ln.s3_key(run.export_fs) is not None))
+    report = f"{results_link.repository}clusterflow-fsx-reports/{run_id}"
+    fs_id = file_system_id(fsx_aws, spec.parallelcluster.cluster_name, run.layout)
+    return FsxRunStaging(Fsx(fsx_aws, client=fsx_client, poll_seconds=5), fs_id,
+                         run.layout.links, visible=visible_on(provider.shell),
+                         report_path=report, progress=logger.info)
 
 
 def as_tasks(timed: Timed) -> Timed:
@@ -305,28 +362,78 @@ def run_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: s
 
     Returns the (possibly re-sized) spec, the input, the run's record and what was published.
     ``fsx_client`` replaces the FSx client (tests stub the data repository task calls);
-    ``tasks``: run the stages as Prefect tasks (inside a flow).
+    ``tasks``: run the stages as Prefect tasks (inside a flow). With ``reuse_result`` (inside
+    a flow) an earlier result for the same kernel, parameters and input bytes is copied in S3
+    to this run's prefix instead: no cluster, no file system, no job.
     """
     stage = as_tasks(timed) if tasks else timed
-    run = plan_run(spec, run_id, run_dir)
-    # The file system lives in the cluster's region (the config's Region), as the cluster does.
-    fsx_aws = dataclasses.replace(aws, region=config_region(raw_config(spec), aws.region))
     src = stage("stage_in", ensure_input, spec, aws, run_dir, logger)
     if spec.kernel.input_key is not None and spec.kernel.name == "heat":
         bucket, _, key = src.uri[len("s3://"):].partition("/")
         spec = grid_for_shape(spec, npy_shape(aws, bucket, key), Path(key).name)
-    results_link = next(ln for ln in run.layout.links if not ln.lazy and (
-        ln.export_only or ln.s3_key(run.export_fs) is not None))
-    report = f"{results_link.repository}clusterflow-fsx-reports/{run_id}"
+    work = (spec, aws, run_dir, run_id, logger, timed, stage, open_backend, fsx_client, src)
+    if not spec.reuse_result:
+        return compute_through_fsx(*work)
+    from prefect import task
+
+    from flows.result_cache import result_cache_key
+
+    cached = task(_compute_record, name="mpi_run", cache_key_fn=result_cache_key,
+                  result_serializer="json", persist_result=True)
+    outcome: dict[str, Any] = {}
+    record = timed("mpi_run", cached, spec, src.sha256, work, outcome)
+    if record["run_id"] == run_id:
+        return outcome["result"]
+    try:
+        sent = timed("fetch_result", copy_result, spec, aws, record, run_id, run_dir, logger)
+    except (IntegrityError, VerifyError, ClientError) as e:
+        logger.warning("cannot reuse run %s (%s); computing again", record["run_id"], e)
+        timed("mpi_run", cached.with_options(refresh_cache=True), spec, src.sha256, work,
+              outcome)
+        return outcome["result"]
+    return spec, src, record, sent  # the input was never staged
+
+
+def compute_through_fsx(spec: PipelineSpec, aws: AwsTarget, run_dir: Path, run_id: str,
+                        logger: Any, timed: Timed, stage: Timed, open_backend: Any,
+                        fsx_client: Any, src: Transferred,
+                        ) -> tuple[PipelineSpec, Transferred, dict[str, Any], list[Transferred]]:
+    run = plan_run(spec, run_id, run_dir)
     with contextlib.ExitStack() as stack:
         provider = timed("cluster", stack.enter_context, open_backend(spec, aws, logger))
-        fs_id = file_system_id(fsx_aws, spec.parallelcluster.cluster_name, run.layout)
-        staging = FsxRunStaging(Fsx(fsx_aws, client=fsx_client, poll_seconds=5), fs_id,
-                                run.layout.links, visible=visible_on(provider.shell),
-                                report_path=report, progress=logger.info)
+        staging = open_staging(spec, aws, run, provider, run_id, logger, fsx_client)
         mounted = stage("stage_in_fsx", stage_in_fsx, staging, run, src, logger)
         stage("mpi_run", run_job, spec, aws, provider, run, mounted, run_dir, run_id, logger)
         manifest, sent = stage("publish", stage_out_and_publish, spec, aws, staging, run,
                                run_dir, logger)
     staged = Transferred(src.uri, Path(mounted), src.bytes, src.sha256)
     return spec, staged, {"run_id": run_id, "manifest": manifest}, sent
+
+
+def _compute_record(spec: PipelineSpec, input_sha256: str, work: tuple[Any, ...],
+                    outcome: dict[str, Any]) -> dict[str, Any]:
+    """The cached unit of a reusable result: the whole FSx run; its record (this run's id
+    and manifest) is what a later run with the same key gets back without running it."""
+    outcome["result"] = compute_through_fsx(*work)
+    return outcome["result"][2]
+
+
+def copy_result(spec: PipelineSpec, aws: AwsTarget, record: dict[str, Any], run_id: str,
+                run_dir: Path, logger: Any) -> list[Transferred]:
+    """An earlier run's results copied in S3 (server side, SHA-256 computed by S3 and
+    compared with its manifest) to this run's prefix, then the manifest, last."""
+    bucket, prefix = spec.storage.results_bucket, f"{spec.storage.results_prefix}{run_id}/"
+    earlier = f"{spec.storage.results_prefix}{record['run_id']}/"
+    manifest, sent = record["manifest"], []
+    for f in manifest["files"]:
+        _copy_verified(aws, (bucket, earlier + f["name"]), (bucket, prefix + f["name"]),
+                       f["sha256"])
+        sent.append(Transferred(f"s3://{bucket}/{prefix}{f['name']}", Path(f["name"]),
+                                int(f.get("bytes", 0)), f["sha256"]))
+    local = run_dir / "out" / MANIFEST
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(json.dumps({**manifest, "reused_from": record["run_id"]}, indent=2) + "\n")
+    sent.append(upload(aws, local, bucket, prefix + MANIFEST))
+    logger.info("reused the result of run %s (same kernel, parameters and input): %d file(s) "
+                "copied in S3 and verified, nothing ran", record["run_id"], len(sent) - 1)
+    return sent

@@ -7,7 +7,6 @@ The consume stage proves it by reading, verifying and acknowledging the event on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -20,7 +19,6 @@ from typing import Any
 from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from event_bridge.consumer import consume_until
@@ -34,6 +32,7 @@ from flows.errors import MpiJobFailed
 from flows.fsx_checks import uses_batch_stager, uses_fsx
 from flows.joblog import failure_lines, forward
 from flows.prefect_flow import flow
+from flows.result_cache import result_cache_key
 from flows.run_inputs import grid_for_shape, input_key
 from flows.spec import DEFAULT_SPEC, PipelineSpec, SpecError, load_spec
 from infra.aws.clients import AwsTarget
@@ -125,26 +124,6 @@ def stage_in(spec: PipelineSpec, aws: AwsTarget, run_dir: Path) -> Transferred:
     logger.info("staged %s (%d bytes, sha256 %s) to %s", staged.uri, staged.bytes,
                 staged.sha256[:12], staged.path)
     return staged
-
-
-def result_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-    """With ``reuse_result``: the kernel, its parameters and the input's bytes, nothing else.
-
-    Ranks and backend are left out on purpose: every kernel gives the same bits for any rank
-    count, so a result computed on 64 ranks is the answer for 2. The results location is in,
-    because reuse means fetching the earlier run's published files from there.
-    """
-    spec: PipelineSpec = parameters["spec"]
-    if not spec.reuse_result:
-        return None
-    identity = {
-        "kernel": spec.kernel.name,
-        "parameters": spec.kernel.parameters.model_dump(mode="json"),
-        "input_sha256": parameters["input_sha256"],
-        "results": [spec.storage.results_bucket, spec.storage.results_prefix],
-    }
-    blob = json.dumps(identity, sort_keys=True).encode()
-    return "clusterflow-result-" + hashlib.sha256(blob).hexdigest()
 
 
 @task(name="mpi_run", cache_key_fn=result_cache_key, result_serializer="json")
@@ -276,7 +255,8 @@ def steps_pipeline(spec: PipelineSpec, spec_path: Path, run_id: str,
     with aws_target(spec.aws, spec.region) as aws, \
             budget_watch(spec, spec_path, aws, logger.warning):
         applied = timed("provision", provision, spec, aws, run_dir)
-        outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger)
+        outcome = timed("steps", run_steps, spec, spec_path, aws, run_id, run_dir, logger,
+                        timed)
         sent = timed("publish", publish_manifest, spec, aws, run_id, run_dir)
         queues = timed("consume", consume, aws, applied, f"{spec.storage.results_prefix}"
                        f"{run_id}/{MANIFEST}")

@@ -250,6 +250,12 @@ def load_spec(path: Path | str, **overrides: object) -> PipelineSpec:
                         local=spec.local, where=where)
         return spec
     plan = step_plan(spec, Path(path))
+    from flows.fsx_checks import steps_problems
+
+    problems = steps_problems(spec, plan)
+    if problems:
+        raise SpecError(f"pipeline spec {path} is invalid:\n"
+                        + "\n".join(f"  {line}" for line in problems))
     for step in plan.steps.values():
         ranks, backend = plan.ranks(step, spec.ranks), step.backend or spec.backend
         for point in plan.points[step.name]:

@@ -148,6 +148,13 @@ def parallelcluster_resources(spec: PipelineSpec, check: _Checker) -> list[Resou
                     at_end=end, note=note or f"from {s.config}, head node "
                     f"{raw['HeadNode']['InstanceType']}")]
     with_cluster = action  # queues and storage come and go with the cluster
+    from flows.fsx_checks import uses_fsx
+
+    # Run from elsewhere: the data moves through the FSx's S3 links (flows.fsx_staging,
+    # flows.steps.fsx), with data repository tasks the plan names on those links.
+    staged = ("; the run stages through it: import tasks (or auto-import waits) for the "
+              "inputs, an export task per result folder, verified in S3 by sha256"
+              if uses_fsx(spec) else "")
     for q in raw["Scheduling"]["SlurmQueues"]:
         types = ", ".join(
             f"{cr.get('InstanceType') or '/'.join(i['InstanceType'] for i in cr['Instances'])}"
@@ -171,7 +178,8 @@ def parallelcluster_resources(spec: PipelineSpec, check: _Checker) -> list[Resou
                 f"{fsx.get('StorageCapacity')} GB)", with_cluster,
                 at_end="deleted" if gone and policy == "Delete" else "kept",
                 note=f"mounted at {st['MountDir']}" + (
-                    f"; lazy load from {fsx['ImportPath']}" if fsx.get("ImportPath") else "")))
+                    f"; lazy load from {fsx['ImportPath']}" if fsx.get("ImportPath") else "")
+                + staged))
             for dra in fsx.get("DataRepositoryAssociations", []):
                 out.append(Resource("fsx data repository association",
                                     f"{dra['Name']}: {dra['FileSystemPath']} <-> "

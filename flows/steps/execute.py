@@ -9,9 +9,7 @@ sha256, followed by the point's ``step.json``. The record returned is what downs
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -36,7 +34,8 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.backends.providers.spot import job_interruptions
-from infra.staging.objects import IntegrityError, download, sha256_file, upload
+from infra.staging.objects import IntegrityError, download, upload
+from infra.staging.outputs import collect
 from infra.telemetry.job import telemetry_env
 from mpi_jobs.catalog import KERNELS
 
@@ -55,8 +54,9 @@ class StepRun:
     points that finished (read by their downstream points)."""
 
     def __init__(self, *, spec: Any, plan: Plan, aws: AwsTarget, run_id: str, run_dir: Path,
-                 backends: Any, logger: Any, events: Any = None) -> None:
+                 backends: Any, logger: Any, events: Any = None, fsx: Any = None) -> None:
         self.spec, self.plan, self.aws = spec, plan, aws
+        self.fsx = fsx  # flows.steps.fsx.StepsFsx: staged through the cluster's FSx
         self.run_id, self.run_dir = run_id, run_dir
         self.backends, self.logger, self.events = backends, logger, events
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
@@ -104,7 +104,6 @@ class StepRun:
         return out
 
     def input_paths(self, point: Point) -> dict[str, Path]:
-        step = self.plan.steps[point.step]
         paths: dict[str, Path] = {}
         for ref in self.plan.inputs[point.step]:
             if ref.kind == "local":
@@ -117,13 +116,18 @@ class StepRun:
                         self._staged[key] = stage_s3(self.aws, ref.value, dest)
                 paths[ref.name] = self._staged[key]
             else:
-                linked = step.per_point and self.plan.per_point_of.get(step.name) == ref.value
-                ups = self.plan.points[ref.value]
-                fan_in = not linked and (len(ups) > 1 or any(p.label for p in ups))
                 records = self.upstream_records(point, ref.value)
                 paths[ref.name] = link_upstream(ref, records,
-                                                self.point_dir(point) / "in" / ref.name, fan_in)
+                                                self.point_dir(point) / "in" / ref.name,
+                                                self.fan_in(point, ref))
         return paths
+
+    def fan_in(self, point: Point, ref: Any) -> bool:
+        """Whether a step input gathers several upstream points (one sub-folder each)."""
+        step = self.plan.steps[point.step]
+        linked = step.per_point and self.plan.per_point_of.get(step.name) == ref.value
+        ups = self.plan.points[ref.value]
+        return not linked and (len(ups) > 1 or any(p.label for p in ups))
 
 
 def _values(run: StepRun, point: Point, step: StepSpec, out: Path, ranks: int,
@@ -185,38 +189,34 @@ def link_inputs_into(out: Path, inputs: dict[str, Path]) -> None:
 
 
 def collect_outputs(step: StepSpec, out: Path) -> list[dict[str, Any]]:
-    """Every regular file under ``out`` the step's globs (default: all) name, with sha256.
-
-    Links are never outputs: they are the inputs linked in, or point elsewhere.
-    """
-    files = []
-    for root, dirs, names in os.walk(out):
-        dirs.sort()
-        for name in sorted(names):
-            p = Path(root) / name
-            if p.is_symlink() or not p.is_file():
-                continue
-            rel = str(p.relative_to(out))
-            if name in (STEP_MANIFEST, RUN_MANIFEST) or (step.outputs and not any(
-                    fnmatch.fnmatchcase(rel, g) for g in step.outputs)):
-                continue
-            files.append({"name": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size})
-    return files
+    """Every regular file under ``out`` the step's globs (default: all) name, with sha256
+    (``infra.staging.outputs``: the same choice the job makes on a cluster's FSx)."""
+    return collect(out, step.outputs or (), skip=(STEP_MANIFEST, RUN_MANIFEST))
 
 
-def publish_point(run: StepRun, point: Point, out: Path, record: dict[str, Any]) -> None:
-    """Outputs to S3 under this run, then ``step.json`` (files, sha256s, job, timings)."""
+def publish_record(run: StepRun, point: Point, out: Path, record: dict[str, Any]) -> None:
+    """The point's ``step.json`` (files, sha256s, job, timings), after its outputs."""
     bucket = run.spec.storage.results_bucket
     prefix = run.results_prefix(run.run_id, point)
-    for f in record["files"]:
-        upload(run.aws, out / f["name"], bucket, prefix + f["name"])
     body = {k: v for k, v in record.items() if k != "out_dir"}
+    out.mkdir(parents=True, exist_ok=True)
     (out / STEP_MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
     upload(run.aws, out / STEP_MANIFEST, bucket, prefix + STEP_MANIFEST)
 
 
+def publish_point(run: StepRun, point: Point, out: Path, record: dict[str, Any]) -> None:
+    """Outputs to S3 under this run, then ``step.json``."""
+    bucket = run.spec.storage.results_bucket
+    prefix = run.results_prefix(run.run_id, point)
+    for f in record["files"]:
+        upload(run.aws, out / f["name"], bucket, prefix + f["name"])
+    publish_record(run, point, out, record)
+
+
 def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[str, Any]:
     """Run one point and publish its outputs; PointFailed on any failure."""
+    if run.fsx is not None:  # staged through the cluster's FSx (flows.steps.fsx)
+        return run.fsx.execute_point(run, point, identity)
     step = run.plan.steps[point.step]
     backend = run.backend_of(step)
     work = run.point_dir(point)
@@ -280,6 +280,10 @@ def _submit(run: StepRun, provider: ExecutionProvider, step: StepSpec, point: Po
         if handle is not None:
             return handle
     job_name = point.step if not point.label else f"{point.step}-{point.index}"
+    if run.backend_of(step) == "parallelcluster":
+        # Its scripts and logs go in <remote_root>/<workdir name>/: the run's folder, where
+        # every point's job name is its own (a point's folder name may hold '=' and ',').
+        work = run.run_dir
     return provider.submit(command, ranks=ranks, job_name=job_name, workdir=work, env=env)
 
 
@@ -310,6 +314,8 @@ def _wait(run: StepRun, provider: ExecutionProvider, step: StepSpec, point: Poin
 def reuse_point(run: StepRun, point: Point, earlier: dict[str, Any]) -> dict[str, Any]:
     """An earlier run's outputs for the same point, verified, in this run's out dir and
     published under this run (``computed_by`` keeps naming the run that computed them)."""
+    if run.fsx is not None:
+        return run.fsx.reuse_point(run, point, earlier)
     out = run.point_dir(point) / "out"
     bucket = run.spec.storage.results_bucket
     for f in earlier["files"]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.backends import BackendSession
+from flows.fsx_checks import uses_fsx
 from flows.spec import PipelineSpec, step_plan
 from flows.steps.execute import StepRun
 from flows.steps.graph import Point
@@ -67,13 +68,32 @@ def point_view(result: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def open_fsx(spec: PipelineSpec, plan: Any, aws: AwsTarget, run_id: str, run_dir: Path,
+             backends: BackendSession, logger: Any, fsx_client: Any = None) -> Any:
+    """A run staged through the cluster's FSx (``flows.steps.fsx``): every input on its
+    file system before the first step."""
+    from flows.steps.fsx import StepsFsx
+
+    fsx = StepsFsx.open(spec, plan, aws, run_id, run_dir, backends.get("parallelcluster"),
+                        logger, fsx_client)
+    count = fsx.stage_inputs(run_dir)
+    logger.info("%d input object(s) on the cluster's file system", count)
+    return fsx
+
+
 def run_steps(spec: PipelineSpec, spec_path: Path, aws: AwsTarget, run_id: str,
-              run_dir: Path, logger: Any) -> StepsOutcome:
+              run_dir: Path, logger: Any, timed: Any = None) -> StepsOutcome:
     plan = step_plan(spec, spec_path)
+    timed = timed or (lambda _name, fn, *args: fn(*args))
     with BackendSession(spec, aws, logger) as backends:
+        fsx = None
+        if uses_fsx(spec):  # run from anywhere: only the ranks see the cluster's FSx
+            timed("cluster", backends.get, "parallelcluster")
+            fsx = timed("stage_in_fsx", open_fsx, spec, plan, aws, run_id, run_dir, backends,
+                        logger)
         run = StepRun(spec=spec, plan=plan, aws=aws, run_id=run_id, run_dir=run_dir,
                       backends=backends, logger=logger,
-                      events=run_events_publisher(aws, run_id, logger))
+                      events=run_events_publisher(aws, run_id, logger), fsx=fsx)
         results = GraphScheduler(run, reuse=spec.reuse_result).run_all()
     ordered = [results[p.key] for p in plan.all_points()]
     files = []

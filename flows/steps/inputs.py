@@ -12,7 +12,7 @@ import fnmatch
 import hashlib
 import json
 import threading
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from flows.steps.graph import InputRef
@@ -95,18 +95,21 @@ def digest(identity: Any) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def link_upstream(ref: InputRef, records: list[dict[str, Any]], dest: Path,
-                  fan_in: bool) -> Path:
-    """Make the upstream outputs ``ref`` names visible under ``dest`` and return the path a
-    command gets: the file itself for a plain path from one point, else a directory (one
-    sub-directory per point for a fan-in)."""
+def upstream_links(ref: InputRef, records: list[dict[str, Any]], dest: PurePath,
+                   fan_in: bool) -> tuple[PurePath, list[tuple[PurePath, PurePath]]]:
+    """The path a command gets for the upstream outputs ``ref`` names, and the links
+    (link, target) that make them visible under ``dest``: the file itself for a plain path
+    from one point (no links), else a directory (one sub-directory per point for a fan-in).
+    Pure, so the links can be made where the files are (on this machine's scratch, or by the
+    job on the cluster's file system)."""
+    kind = type(dest)
     if ref.is_file and not fan_in:
         (record,) = records
         chosen = matching(record["files"], ref.glob)
         if not chosen:
             raise InputError(f"step {ref.value!r} wrote no {ref.glob!r}")
-        return Path(record["out_dir"]) / chosen[0]["name"]
-    dest.mkdir(parents=True, exist_ok=True)
+        return kind(record["out_dir"]) / chosen[0]["name"], []
+    links = []
     for record in records:
         base = dest / record["label"] if fan_in else dest
         chosen = matching(record["files"], ref.glob)
@@ -114,12 +117,21 @@ def link_upstream(ref: InputRef, records: list[dict[str, Any]], dest: Path,
             raise InputError(f"step {ref.value!r}"
                              f"{'[' + record['label'] + ']' if record['label'] else ''} "
                              f"wrote no output matching {ref.glob!r}")
-        for f in chosen:
-            link = base / f["name"]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(Path(record["out_dir"]) / f["name"])
-    return dest
+        links += [(base / f["name"], kind(record["out_dir"]) / f["name"]) for f in chosen]
+    return dest, links
+
+
+def link_upstream(ref: InputRef, records: list[dict[str, Any]], dest: Path,
+                  fan_in: bool) -> Path:
+    """:func:`upstream_links` made on this machine's scratch; returns the command's path."""
+    path, links = upstream_links(ref, records, dest, fan_in)
+    if links or not ref.is_file or fan_in:
+        dest.mkdir(parents=True, exist_ok=True)
+    for link, target in links:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return Path(path)
 
 
 def stage_s3(aws: AwsTarget, uri: str, dest: Path) -> Path:

@@ -203,8 +203,10 @@ class Fsx:
     # ---------------------------------------------------------------- tasks
     def start_task(self, file_system_id: str, task_type: TaskType,
                    paths: list[str] | None = None, report_path: str | None = None,
-                   token: str | None = None) -> str:
-        """Start a data repository task; ``report_path`` (s3://...) enables the failure report."""
+                   token: str | None = None, busy_timeout: float = 6 * 3600) -> str:
+        """Start a data repository task; ``report_path`` (s3://...) enables the failure report.
+
+        While another task runs on the file system, waits up to ``busy_timeout`` to start."""
         report: dict[str, Any] = {"Enabled": False}
         if report_path:
             report = {"Enabled": True, "Path": report_path.rstrip("/"),
@@ -213,7 +215,16 @@ class Fsx:
                                "Report": report, "ClientRequestToken": token or _token()}
         if paths:
             req["Paths"] = paths
-        return self.fsx.create_data_repository_task(**req)["DataRepositoryTask"]["TaskId"]
+        # FSx runs one task per file system at a time and refuses another meanwhile (another
+        # run's, on a shared cluster): wait for it, with the same token (idempotent).
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                return self.fsx.create_data_repository_task(**req)["DataRepositoryTask"][
+                    "TaskId"]
+            except self.fsx.exceptions.DataRepositoryTaskExecuting:
+                self._wait(deadline, f"another data repository task on {file_system_id} to "
+                                     f"end before the {task_type} task can start")
 
     def export(self, file_system_id: str, paths: list[str] | None = None,
                report_path: str | None = None, **wait: Any) -> TaskResult:

@@ -29,7 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from infra.staging.fsx import Fsx, FsxError, TaskResult
+from infra.staging.fsx import Fsx, FsxError, TaskResult, TaskType
+from infra.staging.fsx_tasks import MAX_PATHS, TaskQueue
 
 Visible = Callable[[list[str]], list[str]]  # mounted paths -> those that exist
 
@@ -125,15 +126,24 @@ class FsxRunStaging:
         self.visible, self.report_path = visible, report_path
         self.visible_timeout, self.poll_seconds = visible_timeout, poll_seconds
         self._sleep, self.progress = sleep, progress
+        # One task at a time on the file system; concurrent requests batched (fsx_tasks).
+        self.tasks = TaskQueue(self._task)
+
+    def _task(self, kind: TaskType, paths: list[str]) -> TaskResult:
+        if kind == "EXPORT_TO_REPOSITORY":
+            return self.fsx.export(self.fs_id, paths, self.report_path)
+        return self.fsx.import_metadata(self.fs_id, paths, self.report_path)
 
     def stage_in(self, bucket: str, keys: Sequence[str]) -> list[str]:
         """Make ``s3://bucket/key`` visible on the file system; returns the mounted paths."""
         targets = [_link_for(self.links, bucket, k) for k in keys]
-        by_task = [p for link, p in targets if not (link.lazy or "NEW" in link.auto_import)]
+        by_task = list(dict.fromkeys(p for link, p in targets
+                                     if not (link.lazy or "NEW" in link.auto_import)))
         waits = [link.mounted(p) for link, p in targets if link.lazy or "NEW" in
                  link.auto_import]
-        if by_task:
-            result = self.fsx.import_metadata(self.fs_id, by_task, self.report_path)
+        for i in range(0, len(by_task), MAX_PATHS):
+            result = self.tasks.submit("IMPORT_METADATA_FROM_REPOSITORY",
+                                       by_task[i:i + MAX_PATHS])
             self.progress(f"imported {result.succeeded} file(s) with task {result.task_id}")
         if waits:
             self._wait_visible(waits)
@@ -166,7 +176,7 @@ class FsxRunStaging:
 
     def export(self, out_dir: str) -> TaskResult:
         """EXPORT_TO_REPOSITORY scoped to ``out_dir``; a failure names the report and paths."""
-        result = self.fsx.export(self.fs_id, [out_dir], self.report_path)
+        result = self.tasks.submit("EXPORT_TO_REPOSITORY", [out_dir])
         self.progress(f"exported {result.succeeded} file(s) from {out_dir} with task "
                       f"{result.task_id}")
         return result

@@ -439,3 +439,63 @@ def test_an_uploaded_field_sets_the_grid_from_its_header_in_s3(aws, local_slurm,
     out = aws.client("s3").get_object(Bucket=world.results,
                                       Key=f"runs/{run_id}/field.npy")["Body"].read()
     assert np.array_equal(np.load(io.BytesIO(out)), reference_solution(field, 12, 0.2))
+
+
+def test_reuse_result_through_fsx_copies_the_earlier_result_in_s3_and_runs_nothing(
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
+    """The same kernel, parameters and input bytes: the second run's result is the first's,
+    copied server side and verified in S3; no cluster is opened, no FSx task, no job."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
+
+    import flows.fsx_staging
+    import flows.pipeline
+    from infra.staging.fsx import Fsx
+
+    world = World(aws, tmp_path)
+    raw = yaml.safe_load(world.spec_path.read_text())
+    raw["reuse_result"] = True
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    opened = []
+    stand_in = head_node(world, local_slurm)
+
+    def open_backend(spec: Any, aws: Any, logger: Any) -> Any:
+        opened.append(spec.parallelcluster.cluster_name)
+        return stand_in(spec, aws, logger)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws.endpoint_url)
+    monkeypatch.setenv("CLUSTERFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.pipeline, "open_backend", open_backend)
+    summaries = []
+    for run_id in ("heat-fsx-reuse-1", "heat-fsx-reuse-2"):
+        with fsx_stub(world, run_id) as client, \
+                temporary_settings(updates={PREFECT_API_URL: prefect_api,
+                                            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                            PREFECT_LOGGING_TO_API_ENABLED: False}):
+            if not summaries:
+                _expect(client, world, run_id)
+            monkeypatch.setattr(flows.fsx_staging, "Fsx",
+                                lambda target, c=client, **kw: Fsx(target, **{**kw, "client": c}))
+            summaries.append(flows.pipeline.hpc_pipeline(spec_path=str(world.spec_path),
+                                                         run_id=run_id))
+            seen = list(client.seen)
+        assert seen == ([] if len(summaries) == 2 else
+                        ["IMPORT_METADATA_FROM_REPOSITORY", "EXPORT_TO_REPOSITORY"])
+    first, second = summaries
+    assert opened == [world.cluster]  # only the first run opened the cluster
+    assert second["computed_by"] == first["run_id"] == "heat-fsx-reuse-1"
+    assert "fetch_result" in second["seconds"] and "stage_in_fsx" not in second["seconds"]
+    assert second["result_sha256"] == first["result_sha256"]
+    s3 = aws.client("s3")
+    field = s3.get_object(Bucket=world.results,
+                          Key="runs/heat-fsx-reuse-2/field.npy")["Body"].read()
+    assert hashlib.sha256(field).hexdigest() == first["result_sha256"]
+    manifest = json.loads(s3.get_object(Bucket=world.results,
+                                        Key="runs/heat-fsx-reuse-2/manifest.json")["Body"].read())
+    assert manifest["reused_from"] == "heat-fsx-reuse-1"
+    assert second["fanout"]["queues"]["postprocess"]["verified"] == 1

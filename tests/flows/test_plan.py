@@ -220,3 +220,20 @@ def test_inventory_asks_parallelcluster_whether_the_cluster_exists(aws, tmp_path
     assert got["parallelcluster cluster"].action == "create"  # pcluster: no such cluster
     assert got["parallelcluster cluster"].at_end == "kept"  # teardown: never
     assert got["fsx lustre file system"].at_end == "kept"
+
+
+def test_a_staged_steps_run_plans_the_file_system_it_stages_through(tmp_path):
+    """Run from elsewhere (scratch_dir is not remote_root), a steps: sweep stages through the
+    config's FSx: the plan says so on the file system, beside its associations."""
+    body = {**_pc(PC_OD), "ranks": 256, "steps": _sweep_steps(),
+            "scratch_dir": str(tmp_path / "scratch"),
+            "storage": {"input_bucket": "clusterflow-demo-inputs",
+                        "results_bucket": "clusterflow-demo-results"}}
+    staged = {r.kind: r for r in inventory(load_spec(_write(tmp_path, body)), None)}
+    fs = staged["fsx lustre file system"]
+    assert "the run stages through it: import tasks" in fs.note
+    assert "an export task per result folder, verified in S3 by sha256" in fs.note
+    assert "fsx data repository association" in staged
+    body["scratch_dir"] = "/fsx/clusterflow"  # on the head node: the mount is shared
+    shared = {r.kind: r for r in inventory(load_spec(_write(tmp_path, body)), None)}
+    assert "stages through it" not in shared["fsx lustre file system"].note

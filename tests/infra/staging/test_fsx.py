@@ -137,3 +137,22 @@ def test_failed_import_surfaces_failure_details_and_report_rows(aws, stubbed):
     assert "ended FAILED: 2 of 3 files failed; 2 files failed to import" in msg
     assert "inputs/a.h5: S3ObjectNotFound; inputs/b.h5: AccessDenied" in msg
     assert f"s3://{bucket}/reports" in msg
+
+
+def test_a_task_waits_while_another_one_runs_on_the_file_system(aws, stubbed):
+    """FSx refuses a second task while one runs (DataRepositoryTaskExecuting, an error the
+    service model declares): the start is retried with the same token until it is taken."""
+    client, stub = stubbed
+    tokens = []
+    client.meta.events.register("before-parameter-build.fsx.CreateDataRepositoryTask",
+                                lambda params, **_: tokens.append(params["ClientRequestToken"]))
+    stub.add_client_error("create_data_repository_task", "DataRepositoryTaskExecuting",
+                          "An existing data repository task is currently executing", 400)
+    stub.add_response("create_data_repository_task",
+                      {"DataRepositoryTask": _task("PENDING", 0, 0, 0)},
+                      {"Type": "EXPORT_TO_REPOSITORY", "FileSystemId": FS_ID,
+                       "Paths": ["/results/runs/r"], "Report": {"Enabled": False},
+                       "ClientRequestToken": ANY})
+    assert Fsx(aws, client=client, poll_seconds=0).start_task(
+        FS_ID, "EXPORT_TO_REPOSITORY", ["/results/runs/r"]) == "task-0123456789abcdef0"
+    assert len(tokens) == 2 and tokens[0] == tokens[1]

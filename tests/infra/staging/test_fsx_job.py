@@ -83,3 +83,39 @@ def test_layouts_of_the_shipped_configs():
                                              "FileSystemId": "fs-0123456789abcdef0"}}]}
     assert "an existing file system (FileSystemId)" in staging_problem(
         existing, input_keys=["inputs/a.npy"], **common)
+
+
+def test_a_step_links_its_inputs_then_hands_over_the_outputs_its_globs_name(tmp_path):
+    """--step: links made before the command, outputs by glob moved and summed; links, the
+    kernel's manifest.json and unnamed files stay behind."""
+    upstream = tmp_path / "results" / "runs" / "r1" / "sim" / "alpha=0.1"
+    upstream.mkdir(parents=True)
+    (upstream / "field.npy").write_bytes(b"field")
+    work = tmp_path / "run" / "total"
+    out, export = work / "out", tmp_path / "results" / "runs" / "r1" / "total"
+    link = work / "in" / "fields" / "alpha=0.1" / "field.npy"
+    code = ("import pathlib, sys; src = pathlib.Path(sys.argv[1]).read_bytes(); "
+            "pathlib.Path('total.txt').write_bytes(src + b'!'); "
+            "pathlib.Path('scratch.log').write_text('x'); "
+            "pathlib.Path('manifest.json').write_text('{\"files\": []}')")
+    argv = ["--step", "--out", str(out), "--export", str(export), "--glob", "*.txt",
+            "--link", str(link), str(upstream / "field.npy"),
+            "--link", str(out / "field.npy"), str(upstream / "field.npy"),
+            "--", "env", "-C", str(out), sys.executable, "-c", code, str(link)]
+    assert main(argv) == 0
+    assert link.is_symlink() and (out / "field.npy").is_symlink()
+    assert sorted(p.name for p in export.iterdir()) == [SUMS, "total.txt"]
+    record = json.loads((export / SUMS).read_text())
+    sha = hashlib.sha256(b"field!").hexdigest()
+    assert record["sha256"] == {"total.txt": sha}
+    assert record["files"] == [{"name": "total.txt", "sha256": sha, "bytes": 6}]
+    assert record["kernel_manifest"] == {"files": []}
+    assert (out / "scratch.log").exists() and (out / "manifest.json").exists()
+    assert main(argv) == 0  # a retry or requeue runs it again: the links are kept
+
+
+def test_a_failed_step_command_hands_nothing_over(tmp_path):
+    out, export = tmp_path / "out", tmp_path / "export"
+    assert main(["--step", "--out", str(out), "--export", str(export), "--", "env", "-C",
+                 str(out), sys.executable, "-c", "open('x.txt', 'w'); raise SystemExit(3)"]) == 3
+    assert (out / "x.txt").exists() and not export.exists()
