@@ -227,18 +227,21 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
 
     async def adopt_orphans(self) -> list[UUID]:
         """Take over the pool's active runs that no live worker holds: watch those with a
-        Slurm job id, look up the job of those Pending without one. Only the first live
-        worker by name sweeps; return the ids of the runs taken."""
+        Slurm job id, look up the job of those without one. Only the first live worker by
+        name sweeps, but each takes back its own by name; return the ids of the runs
+        taken."""
         runs = await self._active_runs()
         live = await self._live_workers()
-        if min(live) != self.name:
-            return []
+        leads = min(live) == self.name
         taken = []
         for flow_run in runs:
             who = owner(flow_run)
-            if flow_run.id in self._watched() or flow_run.id in self._submitting_flow_run_ids \
-                    or (who is not None and who != self.name and who in live):
-                continue  # this worker's own, or a live worker's
+            if flow_run.id in self._watched() or flow_run.id in self._submitting_flow_run_ids:
+                continue  # watched (or being submitted) by this worker
+            # Labelled with this worker's name but not watched: it ran before under the same
+            # --name (restarted), and no other worker takes it while that name heartbeats.
+            if who != self.name and (not leads or (who is not None and who in live)):
+                continue  # a live worker's, or left to the sweeping worker
             pid = (flow_run.infrastructure_pid or "").strip()
             if pid.isdigit():
                 self._watched().add(flow_run.id)
@@ -248,9 +251,9 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
                                   "a worker that stopped")
                 self._runs_task_group.start_soon(self._adopt, flow_run, pid)
                 taken.append(flow_run.id)
-            elif flow_run.state is not None and flow_run.state.type == StateType.PENDING:
+            else:  # died before the id reached Prefect (the job may run: Running)
                 self._watched().add(flow_run.id)
-                self._runs_task_group.start_soon(self._recover_pending, flow_run)
+                self._runs_task_group.start_soon(self._recover_unrecorded, flow_run)
                 taken.append(flow_run.id)
         return taken
 
@@ -265,17 +268,24 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             self._logger.exception("could not adopt flow run %s (Slurm job %s)", flow_run.name,
                                    job_id)
 
-    async def _recover_pending(self, flow_run: FlowRun) -> None:
-        """A run left Pending without a job id: adopt its job if Slurm has one, else put it
-        back to Scheduled once it has been Pending for ``pending_grace_seconds``."""
+    async def _recover_unrecorded(self, flow_run: FlowRun) -> None:
+        """A run left without a job id: adopt its job if Slurm has one; else, if it is
+        Pending, put it back to Scheduled once Pending for ``pending_grace_seconds``; a
+        Running or Cancelling one without a job is not a Slurm job of this pool's: left."""
         try:
             configuration = await self._configuration_for(flow_run)
             provider = configuration.provider()
             since = (flow_run.created or utcnow()) - timedelta(days=1)
             name = job_name(flow_run.id)
             jobs = await anyio.to_thread.run_sync(provider.jobs_named, name, since)
-            pending = pending_seconds(flow_run, utcnow())
-            if not jobs and pending >= self.recovery.pending_grace_seconds:
+            pending = flow_run.state is not None and flow_run.state.type == StateType.PENDING
+            if not jobs and not pending:
+                self._logger.warning("flow run %s is %s without a Slurm job id, and Slurm has "
+                                     "no job named %s: not a run this worker can settle",
+                                     flow_run.name, flow_run.state_name, name)
+                return  # stays in _watched: not looked at again
+            waited = pending_seconds(flow_run, utcnow())
+            if not jobs and waited >= self.recovery.pending_grace_seconds:
                 current = await self.client.read_flow_run(flow_run.id)
                 if current.state is None or flow_run.state is None or \
                         current.state.id != flow_run.state.id or current.infrastructure_pid:
@@ -284,7 +294,7 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
                 # The last look, right before acting: an sbatch that raced the first one.
                 jobs = await anyio.to_thread.run_sync(provider.jobs_named, name, since)
                 if not jobs:
-                    await self._reschedule(flow_run, pending)
+                    await self._reschedule(flow_run, waited)
                     return
             if not jobs:  # too young to judge: the next sweep looks again
                 self._watched().discard(flow_run.id)
@@ -300,8 +310,8 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             await self._adopt(flow_run, job_id)
         except Exception:
             self._watched().discard(flow_run.id)
-            self._logger.exception("could not recover flow run %s (Pending without a Slurm "
-                                   "job id)", flow_run.name)
+            self._logger.exception("could not recover flow run %s (no Slurm job id recorded)",
+                                   flow_run.name)
 
     async def _reschedule(self, flow_run: FlowRun, pending: float) -> None:
         why = (f"Pending for {pending:.0f} s without a Slurm job (none named "

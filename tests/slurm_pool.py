@@ -32,15 +32,16 @@ def create_pool(client: Any, name: str, conf: Path, jobs: Path, **defaults: Any)
     return name
 
 
-def start_worker(pool: str, api: str, log: Path,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_worker(pool: str, api: str, log: Path, env: dict[str, str] | None = None,
+                 name: str | None = None) -> subprocess.Popen[bytes]:
     """``prefect worker start --type clusterflow-slurm`` in a session of its own.
 
     It heartbeats and sweeps every 2 s (not 30 s and 60 s), so a killed worker counts as
     gone after 6 s and its runs are taken over within a test's patience."""
     return subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
-         "clusterflow-slurm"], stdout=log.open("ab"), stderr=subprocess.STDOUT,
+         "clusterflow-slurm", *(["--name", name] if name else [])], stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1",
              "PREFECT_WORKER_HEARTBEAT_SECONDS": "2", "CLUSTERFLOW_SLURM_SWEEP_SECONDS": "2",
              **(env or {})}, start_new_session=True)

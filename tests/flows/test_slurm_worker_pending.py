@@ -126,8 +126,11 @@ def test_a_run_left_pending_without_a_job_is_rescheduled_and_runs_once(
                 stop_worker(worker)
 
 
-def test_a_run_left_pending_without_its_job_id_adopts_the_job_it_has(
-        local_slurm, prefect_api, tmp_path):
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "running"])
+def test_a_run_left_without_its_job_id_adopts_the_job_it_has(
+        local_slurm, prefect_api, tmp_path, queued):
+    """The worker died after sbatch, before the job id reached Prefect: with the job held in
+    the queue (the run still Pending), or already running the flow (Running)."""
     conf = local_slurm.layout.conf
     provider = SlurmProvider(slurm_conf=conf)
     log1, log2 = tmp_path / "worker1.log", tmp_path / "worker2.log"
@@ -135,36 +138,46 @@ def test_a_run_left_pending_without_its_job_id_adopts_the_job_it_has(
     job_id = None
     with temporary_settings({PREFECT_API_URL: prefect_api}), \
             get_client(sync_client=True) as client:
-        pool, deployment = _setup(client, tmp_path, conf, "has-job")
+        pool, deployment = _setup(client, tmp_path, conf, f"has-job-{queued}")
         out = tmp_path / "out.jsonl"
         try:
             workers.append(start_worker(pool, prefect_api, log1))
-            # Held in the queue, so the run stays Pending while the worker dies.
             run = client.create_flow_run_from_deployment(
-                deployment, parameters={"out": str(out)},
-                job_variables={"sbatch_args": ["--hold"]})
-            job_id = wait_run(client, run.id, lambda r: bool(r.infrastructure_pid),
-                              log=log1).infrastructure_pid
+                deployment, parameters={"out": str(out), "sleep": 0 if queued else 300},
+                job_variables={"sbatch_args": ["--hold"] if queued else []})
+            started = (lambda r: bool(r.infrastructure_pid)) if queued else \
+                (lambda r: r.state_name == "Running" and out.exists())
+            job_id = wait_run(client, run.id, started, log=log1).infrastructure_pid
             stop_worker(workers[0], signal.SIGKILL)
             # As if it had died before the id reached Prefect (the client's update_flow_run
             # skips an empty pid, so through the REST API).
             client.request("PATCH", "/flow_runs/{id}", path_params={"id": run.id},
                            json={"infrastructure_pid": None})
             left = client.read_flow_run(run.id)
-            assert left.state.type.value == "PENDING" and not left.infrastructure_pid
-            assert provider.status(_job(job_id)).state is JobState.PENDING
+            assert not left.infrastructure_pid
+            assert left.state.type.value == ("PENDING" if queued else "RUNNING")
+            assert provider.status(_job(job_id)).state is \
+                (JobState.PENDING if queued else JobState.RUNNING)
 
             workers.append(start_worker(pool, prefect_api, log2,
                                         {"CLUSTERFLOW_SLURM_PENDING_GRACE_SECONDS": "0"}))
             # Adopted even with no grace at all: Slurm has its job.
-            wait_log(log2, f"adopting flow run {run.name} (Submitting, no job id recorded): "
-                     f"Slurm job {job_id}")
+            wait_log(log2, f"adopting flow run {run.name} ({left.state_name}, no job id "
+                     f"recorded): Slurm job {job_id}")
             assert wait_run(client, run.id, lambda r: bool(r.infrastructure_pid),
                             log=log2).infrastructure_pid == job_id
-            subprocess.run(["scontrol", "release", job_id], env=provider.env(), check=True,
-                           timeout=60, capture_output=True)
-            done = wait_run(client, run.id, lambda r: r.state.is_final(), log=log2)
-            assert done.state_name == "Completed", done.state.message
+            if queued:
+                subprocess.run(["scontrol", "release", job_id], env=provider.env(),
+                               check=True, timeout=60, capture_output=True)
+                done = wait_run(client, run.id, lambda r: r.state.is_final(), log=log2)
+                assert done.state_name == "Completed", done.state.message
+            else:  # watched as its own: a cancel reaches scancel
+                assert provider.status(_job(job_id)).state is JobState.RUNNING
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+                assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
+                done = wait_run(client, run.id, lambda r: r.state_name == "Cancelled",
+                                timeout=60, log=log2)
+                assert f"scancel {job_id}" in log2.read_text()
             assert done.infrastructure_pid == job_id
             assert _executions(out) == [{"job": job_id}]
             assert _completion_log(provider, job_name(run.id), job_id) == [job_id]
@@ -217,6 +230,53 @@ def test_a_live_worker_takes_over_a_dead_peers_run_and_leaves_a_live_ones(
             wait_run(client, run.id, lambda r: r.state_name == "Cancelled", timeout=60,
                      log=log_b)
             assert f"scancel {job_id}" in log_b.read_text()
+            assert _executions(out) == [{"job": job_id}]
+        finally:
+            for worker in workers:
+                stop_worker(worker)
+            if job_id:
+                subprocess.run(["scancel", job_id], env=provider.env(), timeout=30,
+                               capture_output=True)
+
+
+def test_a_worker_restarted_under_its_name_takes_its_runs_back_beside_a_live_peer(
+        local_slurm, prefect_api, tmp_path):
+    """The peer sorts first, so it is the one that sweeps; but the run's label names a
+    worker that heartbeats again (the restarted one), so the peer must leave it, and the
+    restarted worker must take it back itself."""
+    conf = local_slurm.layout.conf
+    provider = SlurmProvider(slurm_conf=conf)
+    log_a, log_a2, log_p = tmp_path / "a.log", tmp_path / "a2.log", tmp_path / "peer.log"
+    workers: list[subprocess.Popen[bytes]] = []
+    job_id = None
+    with temporary_settings({PREFECT_API_URL: prefect_api}), \
+            get_client(sync_client=True) as client:
+        pool, deployment = _setup(client, tmp_path, conf, "same-name")
+        out = tmp_path / "out.jsonl"
+        try:
+            # Its 30 s heartbeat keeps its name live for 90 s after the kill: the restart
+            # comes well within that, as a restart by systemd would.
+            workers.append(start_worker(pool, prefect_api, log_a, name="zz-login1",
+                                        env={"PREFECT_WORKER_HEARTBEAT_SECONDS": "30"}))
+            run = client.create_flow_run_from_deployment(
+                deployment, parameters={"out": str(out), "sleep": 300})
+            run = wait_run(client, run.id, lambda r: r.state_name == "Running"
+                           and out.exists(), log=log_a)
+            job_id = run.infrastructure_pid
+            workers.append(start_worker(pool, prefect_api, log_p, name="aa-peer"))
+            worker_name(log_p)
+            stop_worker(workers[0], signal.SIGKILL)
+            workers.append(start_worker(pool, prefect_api, log_a2, name="zz-login1"))
+            wait_log(log_a2, f"adopting flow run {run.name} (Running): Slurm job {job_id}",
+                     timeout=60)
+            time.sleep(6)  # more sweeps of the peer: it must not take the run too
+            assert f"adopting flow run {run.name}" not in log_p.read_text()
+
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+            assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
+            wait_run(client, run.id, lambda r: r.state_name == "Cancelled", timeout=60,
+                     log=log_a2)
+            assert f"scancel {job_id}" in log_a2.read_text()
             assert _executions(out) == [{"job": job_id}]
         finally:
             for worker in workers:
