@@ -178,7 +178,10 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
         self._logger.info("flow run %s is Slurm job %s", flow_run.name, job.job_id)
         if task_status is not None:
             task_status.started(job.job_id)
-        return await self.watch(flow_run, provider, job)
+        try:
+            return await self.watch(flow_run, provider, job)
+        finally:  # settled; or lost (the API failed): a later sweep takes it back by label
+            self._watched().discard(flow_run.id)
 
     def _watched(self) -> set[UUID]:
         if not hasattr(self, "_watching"):
@@ -264,9 +267,10 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             job = JobHandle(job_id=job_id, stdout=Path("/dev/null"), stderr=Path("/dev/null"))
             await self.watch(flow_run, configuration.provider(), job)
         except Exception:  # one run's trouble must not stop the worker
-            self._watched().discard(flow_run.id)  # a later sweep tries again
             self._logger.exception("could not adopt flow run %s (Slurm job %s)", flow_run.name,
                                    job_id)
+        finally:  # settled, or a later sweep tries again
+            self._watched().discard(flow_run.id)
 
     async def _recover_unrecorded(self, flow_run: FlowRun) -> None:
         """A run left without a job id: adopt its job if Slurm has one; else, if it is
