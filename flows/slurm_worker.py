@@ -19,13 +19,15 @@ is the flow run's infrastructure pid. While the job lives the worker watches bot
   cancellation observer (``kill_infrastructure``).
 
 A worker can die (SIGKILL, a reboot of the login node) while its jobs run on: Slurm does not
-need it. So a worker that starts adopts the pool's flow runs that are still Pending, Running
-or Cancelling with a Slurm job id as infrastructure pid, whoever submitted them, and watches
-them as its own: a job still queued or running is watched to its end (a cancel issued now
+need it. So a worker sweeps the pool's Pending, Running and Cancelling flow runs at its start
+and every ``sweep_seconds`` after, and takes over those whose worker stopped (which ones, and
+why only one live worker sweeps: ``flows.slurm_recovery``). A run with a Slurm job id is
+watched as its own: a job still queued or running is watched to its end (a cancel issued now
 still reaches ``scancel``); a job that ended meanwhile is mapped from what Slurm (the
 controller, else the job completion log) says about it; a job Slurm has no record of makes the
-run Crashed, saying so. Watching a run twice (two live workers on one pool) is harmless: every
-action is idempotent (``scancel`` of an ended job, a final state set only on a non-final run).
+run Crashed, saying so. A run left Pending without a job id is looked up in Slurm by its job's
+name (``prefect-<flow run id>``): its job is adopted if there is one, else, once Pending for
+``pending_grace_seconds``, the run goes back to Scheduled: a job is never submitted twice.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import copy
 import shlex
 import sys
 import tempfile
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -47,8 +51,10 @@ from prefect.client.schemas.filters import (
     WorkPoolFilterName,
 )
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import InfrastructureNotFound, ObjectNotFound
-from prefect.states import Cancelled, Completed, Crashed, StateType
+from prefect.settings import get_current_settings
+from prefect.states import Cancelled, Completed, Crashed, Scheduled, StateType
 from prefect.workers.base import (
     BaseJobConfiguration,
     BaseVariables,
@@ -57,6 +63,14 @@ from prefect.workers.base import (
 )
 from pydantic import Field, field_validator
 
+from flows.slurm_recovery import (
+    RecoverySettings,
+    job_name,
+    live_workers,
+    owner,
+    pending_seconds,
+    utcnow,
+)
 from infra.backends.providers.base import JobHandle, JobState
 from infra.backends.providers.slurm import (
     SlurmJobUnknown,
@@ -138,7 +152,16 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
     _documentation_url = "https://slurm.schedmd.com/sbatch.html"
 
     _watching: set[UUID]
-    _adoption_started: bool = False
+    _sweeping: bool = False
+    _last_sweep: float | None = None
+
+    def __init__(self, *args: Any, pending_grace_seconds: float | None = None,
+                 sweep_seconds: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `prefect worker start` passes only Prefect's options: these come from
+        # CLUSTERFLOW_SLURM_PENDING_GRACE_SECONDS / CLUSTERFLOW_SLURM_SWEEP_SECONDS.
+        self.recovery = RecoverySettings.load(pending_grace_seconds=pending_grace_seconds,
+                                              sweep_seconds=sweep_seconds)
 
     async def run(self, flow_run: FlowRun, configuration: SlurmJobConfiguration,
                   task_status: Any = None) -> SlurmWorkerResult:
@@ -147,71 +170,166 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
             f"prefect-{flow_run.id}"
         env = {k: v for k, v in configuration.env.items() if v is not None}
         self._watched().add(flow_run.id)
+        # Named after the flow run's id: if this worker dies before the id is recorded, the
+        # next sweep asks Slurm for the job by that name instead of submitting it again.
         job = await anyio.to_thread.run_sync(lambda: provider.submit(
             shlex.split(configuration.command or ""), ranks=configuration.tasks,
-            job_name=f"prefect-{flow_run.name}", workdir=workdir, env=env))
+            job_name=job_name(flow_run.id), workdir=workdir, env=env))
         self._logger.info("flow run %s is Slurm job %s", flow_run.name, job.job_id)
         if task_status is not None:
             task_status.started(job.job_id)
-        return await self.watch(flow_run, provider, job)
+        try:
+            return await self.watch(flow_run, provider, job)
+        finally:  # settled; or lost (the API failed): a later sweep takes it back by label
+            self._watched().discard(flow_run.id)
 
     def _watched(self) -> set[UUID]:
         if not hasattr(self, "_watching"):
             self._watching = set()
         return self._watching
 
-    # ---- adoption: the runs a stopped worker left behind
+    # ---- the sweep: runs a stopped worker left behind (flows.slurm_recovery says which)
 
     async def sync_with_backend(self) -> None:
-        """Prefect's sync (heartbeat, the pool's template); the first one that knows the pool
-        starts the adoption of the runs left behind, inside the worker's task group."""
+        """Prefect's sync (heartbeat, the pool's template); once the pool is known, and then
+        every ``sweep_seconds``, it starts a sweep inside the worker's task group."""
         await super().sync_with_backend()
-        if not self._adoption_started and self._work_pool is not None and \
+        due = self._last_sweep is None or \
+            time.monotonic() - self._last_sweep >= self.recovery.sweep_seconds
+        if due and not self._sweeping and self._work_pool is not None and \
                 self._runs_task_group is not None:
-            self._adoption_started = True
-            self._runs_task_group.start_soon(self._adopt_or_retry)
+            self._sweeping = True
+            self._runs_task_group.start_soon(self._sweep_or_retry)
 
-    async def _adopt_or_retry(self) -> None:
+    async def _sweep_or_retry(self) -> None:
         try:
             await self.adopt_orphans()
+            self._last_sweep = time.monotonic()
         except Exception:  # the API hiccuped: the next sync tries again, the worker goes on
             self._logger.exception("could not look for flow runs left by a stopped worker")
-            self._adoption_started = False
+        finally:
+            self._sweeping = False
 
-    async def adopt_orphans(self) -> list[UUID]:
-        """Watch every active flow run of this pool that carries a Slurm job id and that this
-        worker is not already watching; return their ids."""
-        pool = self.work_pool.name
+    async def _active_runs(self) -> list[FlowRun]:
         runs: list[FlowRun] = []
         while True:  # page by page: a sweep can leave hundreds
             page = await self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                     type=FlowRunFilterStateType(any_=ACTIVE))),
-                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(
+                    any_=[self.work_pool.name])),
                 limit=ADOPT_PAGE, offset=len(runs))
             runs += page
             if len(page) < ADOPT_PAGE:
-                break
-        adopted = []
+                return runs
+
+    async def _live_workers(self) -> set[str]:
+        workers = await self.client.read_workers_for_work_pool(self.work_pool.name)
+        multiple = get_current_settings().server.services.foreman.inactivity_heartbeat_multiple
+        return live_workers(workers, utcnow(), multiple) | {self.name}
+
+    async def adopt_orphans(self) -> list[UUID]:
+        """Take over the pool's active runs that no live worker holds: watch those with a
+        Slurm job id, look up the job of those without one. Only the first live worker by
+        name sweeps, but each takes back its own by name; return the ids of the runs
+        taken."""
+        runs = await self._active_runs()
+        live = await self._live_workers()
+        leads = min(live) == self.name
+        taken = []
         for flow_run in runs:
+            who = owner(flow_run)
+            if flow_run.id in self._watched() or flow_run.id in self._submitting_flow_run_ids:
+                continue  # watched (or being submitted) by this worker
+            # Labelled with this worker's name but not watched: it ran before under the same
+            # --name (restarted), and no other worker takes it while that name heartbeats.
+            if who != self.name and (not leads or (who is not None and who in live)):
+                continue  # a live worker's, or left to the sweeping worker
             pid = (flow_run.infrastructure_pid or "").strip()
-            if not pid.isdigit() or flow_run.id in self._watched():
-                continue
-            self._watched().add(flow_run.id)
-            self._logger.info("adopting flow run %s (%s): Slurm job %s, left by a worker that "
-                              "stopped", flow_run.name, flow_run.state_name, pid)
-            self._runs_task_group.start_soon(self._adopt, flow_run, pid)
-            adopted.append(flow_run.id)
-        return adopted
+            if pid.isdigit():
+                self._watched().add(flow_run.id)
+                self._logger.info("adopting flow run %s (%s): Slurm job %s, left by %s",
+                                  flow_run.name, flow_run.state_name, pid,
+                                  f"worker {who}, which stopped" if who else
+                                  "a worker that stopped")
+                self._runs_task_group.start_soon(self._adopt, flow_run, pid)
+                taken.append(flow_run.id)
+            else:  # died before the id reached Prefect (the job may run: Running)
+                self._watched().add(flow_run.id)
+                self._runs_task_group.start_soon(self._recover_unrecorded, flow_run)
+                taken.append(flow_run.id)
+        return taken
 
     async def _adopt(self, flow_run: FlowRun, job_id: str) -> None:
         try:
+            await self._give_worker_labels_to_flow_run(flow_run.id)  # now this worker's
             configuration = await self._configuration_for(flow_run)
             job = JobHandle(job_id=job_id, stdout=Path("/dev/null"), stderr=Path("/dev/null"))
             await self.watch(flow_run, configuration.provider(), job)
         except Exception:  # one run's trouble must not stop the worker
             self._logger.exception("could not adopt flow run %s (Slurm job %s)", flow_run.name,
                                    job_id)
+        finally:  # settled, or a later sweep tries again
+            self._watched().discard(flow_run.id)
+
+    async def _recover_unrecorded(self, flow_run: FlowRun) -> None:
+        """A run left without a job id: adopt its job if Slurm has one; else, if it is
+        Pending, put it back to Scheduled once Pending for ``pending_grace_seconds``; a
+        Running or Cancelling one without a job is not a Slurm job of this pool's: left."""
+        try:
+            configuration = await self._configuration_for(flow_run)
+            provider = configuration.provider()
+            since = (flow_run.created or utcnow()) - timedelta(days=1)
+            name = job_name(flow_run.id)
+            jobs = await anyio.to_thread.run_sync(provider.jobs_named, name, since)
+            pending = flow_run.state is not None and flow_run.state.type == StateType.PENDING
+            if not jobs and not pending:
+                self._logger.warning("flow run %s is %s without a Slurm job id, and Slurm has "
+                                     "no job named %s: not a run this worker can settle",
+                                     flow_run.name, flow_run.state_name, name)
+                return  # stays in _watched: not looked at again
+            waited = pending_seconds(flow_run, utcnow())
+            if not jobs and waited >= self.recovery.pending_grace_seconds:
+                current = await self.client.read_flow_run(flow_run.id)
+                if current.state is None or flow_run.state is None or \
+                        current.state.id != flow_run.state.id or current.infrastructure_pid:
+                    self._watched().discard(flow_run.id)  # it moved on; a later sweep sees
+                    return
+                # The last look, right before acting: an sbatch that raced the first one.
+                jobs = await anyio.to_thread.run_sync(provider.jobs_named, name, since)
+                if not jobs:
+                    await self._reschedule(flow_run, waited)
+                    return
+            if not jobs:  # too young to judge: the next sweep looks again
+                self._watched().discard(flow_run.id)
+                return
+            if len(jobs) > 1:
+                self._logger.warning("flow run %s has %d Slurm jobs named %s (%s): adopting "
+                                     "%s", flow_run.name, len(jobs), name, ", ".join(jobs),
+                                     jobs[-1])
+            job_id = jobs[-1]
+            self._logger.info("adopting flow run %s (%s, no job id recorded): Slurm job %s is "
+                              "named %s", flow_run.name, flow_run.state_name, job_id, name)
+            await self.client.update_flow_run(flow_run.id, infrastructure_pid=job_id)
+            await self._adopt(flow_run, job_id)
+        except Exception:
+            self._watched().discard(flow_run.id)
+            self._logger.exception("could not recover flow run %s (no Slurm job id recorded)",
+                                   flow_run.name)
+
+    async def _reschedule(self, flow_run: FlowRun, pending: float) -> None:
+        why = (f"Pending for {pending:.0f} s without a Slurm job (none named "
+               f"{job_name(flow_run.id)} in the queue or the job completion log) and no live "
+               "worker holds it: its worker stopped before submitting it")
+        result = await self.client.set_flow_run_state(
+            flow_run.id, Scheduled(scheduled_time=utcnow(), message=f"rescheduled: {why}"))
+        self._watched().discard(flow_run.id)
+        if result.status == SetStateStatus.ACCEPT:
+            self._logger.info("flow run %s: %s; put back to Scheduled", flow_run.name, why)
+        else:
+            self._logger.warning("flow run %s: %s; Prefect refused Scheduled (%s: %s)",
+                                 flow_run.name, why, result.status.value,
+                                 getattr(result.details, "reason", ""))
 
     async def _configuration_for(self, flow_run: FlowRun) -> SlurmJobConfiguration:
         """The job configuration the run was submitted with (pool template + deployment);

@@ -4,6 +4,7 @@ real ``prefect worker start`` processes for it: shared by the Slurm worker's tes
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -31,14 +32,41 @@ def create_pool(client: Any, name: str, conf: Path, jobs: Path, **defaults: Any)
     return name
 
 
-def start_worker(pool: str, api: str, log: Path,
-                 env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``prefect worker start --type clusterflow-slurm`` in a session of its own."""
+def start_worker(pool: str, api: str, log: Path, env: dict[str, str] | None = None,
+                 name: str | None = None) -> subprocess.Popen[bytes]:
+    """``prefect worker start --type clusterflow-slurm`` in a session of its own.
+
+    It heartbeats and sweeps every 2 s (not 30 s and 60 s), so a killed worker counts as
+    gone after 6 s and its runs are taken over within a test's patience."""
     return subprocess.Popen(
         [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
-         "clusterflow-slurm"], stdout=log.open("ab"), stderr=subprocess.STDOUT,
+         "clusterflow-slurm", *(["--name", name] if name else [])], stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1",
+             "PREFECT_WORKER_HEARTBEAT_SECONDS": "2", "CLUSTERFLOW_SLURM_SWEEP_SECONDS": "2",
              **(env or {})}, start_new_session=True)
+
+
+def worker_name(log: Path, timeout: float = 120) -> str:
+    """The name a started worker gave itself (``Worker 'NAME' started!``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.search(r"Worker '([^']+)' started!", log.read_text(errors="replace"))
+        if found:
+            return found.group(1)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the worker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+
+
+def wait_log(log: Path, text: str, timeout: float = 120) -> str:
+    """The worker's log once it contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in (seen := log.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} never appeared in {log}:\n{seen[-3000:]}")
+        time.sleep(0.3)
+    return seen
 
 
 def stop_worker(worker: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
@@ -408,6 +409,26 @@ class SlurmProvider(ExecutionProvider):
             return None
         _, state, code = rows[-1]
         return _status(state, _exit_code(code))
+
+    def jobs_named(self, job_name: str, since: datetime | None = None) -> list[str]:
+        """The ids of every job called ``job_name`` that Slurm knows: queued, running or
+        recently ended (the controller), or ended since ``since`` (the job completion log).
+
+        A caller that gives each submission a unique name (the Slurm work pool names a flow
+        run's job after the flow run's id) learns from it whether a submission whose answer
+        was lost happened at all.
+        """
+        proc = self._slurm("squeue", "-h", "-t", "all", f"--name={job_name}", "-o", "%i")
+        if proc.returncode != 0:
+            raise SlurmError(f"squeue --name={job_name} failed: {proc.stderr.strip()}")
+        found = set(proc.stdout.split())
+        start = (since or datetime.now() - timedelta(days=1)).astimezone()
+        log = self._slurm("sacct", "-c", "-n", "-P", f"--name={job_name}", "-o", "jobid,jobname",
+                          "-S", start.strftime("%Y-%m-%dT%H:%M:%S"))
+        # sacct exits 1 when the window starts after now (a clock ahead of this host's).
+        found |= {row.split("|")[0] for row in log.stdout.splitlines()
+                  if row.count("|") == 1 and row.split("|")[1] == job_name}
+        return sorted(found, key=lambda j: (len(j), j))
 
     def interruptions(self, job: JobHandle) -> Interruptions:
         """Requeues the job (or array element) went through and the time its interrupted
