@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from flows.prefect_refresh import refresh_settings
 from infra.child_processes import die_with_parent
 
 LOCAL_SERVER_DEFAULTS = {
@@ -121,10 +122,12 @@ def temporary_server(state_dir: Path) -> Iterator[TemporaryServer | None]:
     """
     configure(state_dir)
     if os.environ.get("PREFECT_API_URL"):
+        refresh_settings()  # a no-op unless Prefect is imported already (flows.prefect_refresh)
         yield None
         return
     server = TemporaryServer(state_dir / "logs" / "prefect-temporary-server.log")
     os.environ["PREFECT_API_URL"] = server.api_url  # read when prefect is imported
+    refresh_settings()
     try:
         yield server
     finally:
