@@ -18,7 +18,6 @@ installation, or ``CLUSTERFLOW_NO_WARM_RUNNER=1``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -43,6 +42,8 @@ def socket_path(home: str) -> str:
     path = os.path.join(home, SOCKET_NAME)
     if len(path.encode()) <= _MAX_PATH:
         return path
+    import hashlib  # only for long homes: the common path imports as little as it can
+
     digest = hashlib.sha256(home.encode()).hexdigest()[:16]
     return os.path.join("/tmp", f"clusterflow-runner-{os.getuid()}-{digest}.sock")
 
@@ -110,7 +111,7 @@ def request(argv: list[str]) -> dict[str, object]:
             "ignored": [int(s) for s in FORWARDED if signal.getsignal(s) is signal.SIG_IGN]}
 
 
-def connect(home: str | None = None, timeout: float = 5.0) -> socket.socket | None:
+def connect(home: str | None = None, timeout: float = 10.0) -> socket.socket | None:
     path = socket_path(home or home_dir())
     if not os.path.exists(path):
         return None
@@ -141,6 +142,10 @@ def run_warm(argv: list[str]) -> int | None:
         if not reply or not reply.get("ok"):
             return None  # stale, another installation's, or refusing: run in-process
         sock.settimeout(None)  # from here the run takes as long as it takes
+        try:
+            send_msg(sock, {"go": True})  # until now the runner's child waits: no double run
+        except OSError:
+            return None
 
         def forward(signum: int, _frame: object) -> None:
             try:

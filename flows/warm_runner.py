@@ -86,8 +86,11 @@ def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
     from flows.prefect_refresh import remember_logging
+    from flows.prewarm import SERVICES
+    from infra.aws.clients import load_data_once
 
     remember_logging()
+    load_data_once(SERVICES)
 
 
 def thread_count() -> int:
@@ -157,6 +160,7 @@ class _Run:
     pid: int
     conn: socket.socket | None
     pidfd: int
+    go: int  # write end of the pipe the child waits on until the client says "go"
     started: float = field(default_factory=time.monotonic)
 
 
@@ -265,9 +269,11 @@ class Runner:
             assert req is not None
             sys.stdout.flush()
             sys.stderr.flush()
+            go_r, go_w = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: never returns into this loop
                 try:
+                    os.close(go_w)
                     self.sel.close()
                     self.listener.close()
                     conn.close()
@@ -275,10 +281,18 @@ class Runner:
                         if other.conn is not None:
                             other.conn.close()
                         os.close(other.pidfd)
+                        if other.go >= 0:
+                            os.close(other.go)
+                    # Nothing happens until the client confirms it waits for this run: one
+                    # that gave up meanwhile runs in-process, and this child then ends here.
+                    if os.read(go_r, 1) != b"g":
+                        os._exit(0)
+                    os.close(go_r)
                     _become_the_run(req, fds)
                 finally:
                     os._exit(70)
-            run = _Run(pid=pid, conn=conn, pidfd=os.pidfd_open(pid))
+            os.close(go_r)
+            run = _Run(pid=pid, conn=conn, pidfd=os.pidfd_open(pid), go=go_w)
             self.runs[pid] = run
             self.sel.register(run.pidfd, selectors.EVENT_READ, ("exit", run))
             self.sel.register(conn, selectors.EVENT_READ, ("conn", run))
@@ -302,10 +316,18 @@ class Runner:
             self.sel.unregister(run.conn)
             run.conn.close()
             run.conn = None
+            if run.go >= 0:  # it never said go: the child has not started anything
+                os.close(run.go)
+                run.go = -1
+                return
             self.log(f"run {run.pid}: its client went away; SIGTERM")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGTERM)
             return
+        if msg.get("go") and run.go >= 0:
+            os.write(run.go, b"g")
+            os.close(run.go)
+            run.go = -1
         if "signal" in msg:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, int(msg["signal"]))
@@ -314,6 +336,8 @@ class Runner:
         _, status = os.waitpid(run.pid, 0)
         self.sel.unregister(run.pidfd)
         os.close(run.pidfd)
+        if run.go >= 0:
+            os.close(run.go)
         del self.runs[run.pid]
         if os.WIFSIGNALED(status):
             reply = {"signal": os.WTERMSIG(status)}

@@ -170,7 +170,10 @@ def test_refused_spec_exits_2_with_the_same_message(env, tmp_path, runner_home):
     assert warm.stdout == cold.stdout == ""
 
 
-def test_ctrl_c_through_the_client_cancels_the_run(env, tmp_path, runner_home):
+@pytest.fixture
+def slow_run(env, tmp_path, runner_home,
+             ) -> Iterator[tuple[subprocess.Popen[bytes], list[psutil.Process], Path]]:
+    """A heat run through the runner, once its ranks run: (client, ranks, its stderr)."""
     spec = _heat_spec(tmp_path, ranks=2)
     doc = yaml.safe_load(spec.read_text())
     doc["kernel"]["parameters"] = {"nx": 256, "ny": 256, "steps": 10_000_000, "alpha": 0.2}
@@ -191,12 +194,7 @@ def test_ctrl_c_through_the_client_cancels_the_run(env, tmp_path, runner_home):
                      if "mpi_jobs.heat" in " ".join(p.cmdline())]
             time.sleep(0.2)
         assert not psutil.Process(client.pid).children(recursive=True)
-        client.send_signal(signal.SIGINT)
-        assert client.wait(timeout=90) == 130
-        _, alive = psutil.wait_procs(ranks, timeout=15)
-        assert alive == []
-        stderr = err.read_text(errors="replace")
-        assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+        yield client, ranks, err
     finally:
         for p in ranks:
             if p.is_running():
@@ -204,6 +202,25 @@ def test_ctrl_c_through_the_client_cancels_the_run(env, tmp_path, runner_home):
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+def test_ctrl_c_through_the_client_cancels_the_run(slow_run):
+    client, ranks, err = slow_run
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=90) == 130
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    assert alive == []
+    stderr = err.read_text(errors="replace")
+    assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+
+
+def test_a_killed_client_has_its_run_cancelled(slow_run, runner_home):
+    client, ranks, err = slow_run
+    client.kill()  # SIGKILL: the client runs no code; the runner sees its socket close
+    assert client.wait(timeout=10) == -signal.SIGKILL
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert alive == []
+    assert "its client went away; SIGTERM" in (runner_home / "runner.log").read_text()
 
 
 def test_no_runner_or_a_dead_socket_runs_in_process(env, tmp_path):
@@ -242,3 +259,26 @@ def test_a_stale_runner_is_bypassed_and_reloads(env, tmp_path, prefect_api):
     finally:
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
         _stop_runner(proc)
+
+
+def test_a_client_that_gives_up_before_go_starts_no_run(env, tmp_path, runner_home):
+    """A client that timed out waiting for the runner runs in-process; the child forked for
+    it must then do nothing (no double run)."""
+    from flows.warm_client import connect, recv_msg, request, send_msg
+
+    spec = _heat_spec(tmp_path)
+    before = len(_served(runner_home))
+    sock = connect(str(runner_home))
+    assert sock is not None
+    with sock:
+        req = {**request(["clusterflow", "run", "--spec", str(spec)]), "env": env,
+               "cwd": str(tmp_path)}
+        send_msg(sock, req, fds=[0, 1, 2])
+        reply, _ = recv_msg(sock)
+        assert reply is not None and reply["ok"]
+    deadline = time.monotonic() + 60
+    while len(_served(runner_home)) < before + 2:  # forked, then ended without running
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert f"run {reply['pid']}: {{'exit': 0}}" in _served(runner_home)[before + 1]
+    assert not (tmp_path / "scratch").exists()  # the run never started
