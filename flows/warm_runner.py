@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import os
 import selectors
@@ -56,6 +57,11 @@ PRELOAD = (
     "prefect.client.orchestration", "prefect.artifacts", "prefect.events",
     "flows.pipeline", "flows.steps.flow", "flows.prewarm",
     "boto3", "botocore.client",
+    # imported only once the flow runs (a run's sys.modules minus the above)
+    "prefect.utilities.visualization", "anyio._backends._asyncio", "anyio.streams.memory",
+    "anyio.streams.stapled", "anyio.streams.tls", "encodings.idna", "stringprep",
+    "event_bridge.run_events", "infra.clusters.prices", "rich._emoji_codes",
+    "typer._click.decorators", "typer._adapters",
 )
 
 
@@ -165,10 +171,10 @@ class _Run:
 
 
 class Runner:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, fingerprint: str) -> None:
         self.home = home
         self.path = warm_client.socket_path(str(home))
-        self.fingerprint = code_fingerprint()
+        self.fingerprint = fingerprint  # of the code as it was before the imports
         self.sel = selectors.DefaultSelector()
         self.runs: dict[int, _Run] = {}
         self.stopping = False
@@ -257,6 +263,7 @@ class Runner:
             req, fds = warm_client.recv_msg(conn, maxfds=3)
             why = self._decline(req)
             if why is None and req is not None and req["op"] == "ping":
+                self.stale = self.stale or code_fingerprint() != self.fingerprint
                 warm_client.send_msg(conn, {"ok": True, "pid": os.getpid(),
                                             "runs": len(self.runs), "stale": self.stale})
                 conn.close()
@@ -376,11 +383,15 @@ def main() -> None:
     args = ap.parse_args()
     home = args.home.resolve()
     os.environ["CLUSTERFLOW_HOME"] = str(home)
+    fingerprint = code_fingerprint()  # first: an edit during the imports makes us stale
     preload()
+    # Every object imported so far lives as long as the runner: the children's garbage
+    # collector then never walks (and so never copies, page by page) the runner's heap.
+    gc.freeze()
     if thread_count() != 1:  # fork would copy a process whose other threads vanish
         sys.exit(f"error: the runner has {thread_count()} threads after its imports; "
                  "it cannot fork safely")
-    Runner(home).serve()
+    Runner(home, fingerprint).serve()
 
 
 if __name__ == "__main__":
