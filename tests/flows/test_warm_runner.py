@@ -204,14 +204,16 @@ def slow_run(env, tmp_path, runner_home,
             client.wait()
 
 
-def test_ctrl_c_through_the_client_cancels_the_run(slow_run):
+@pytest.mark.parametrize(("sig", "said"), [(signal.SIGINT, "Ctrl-C"),
+                                           (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_or_sigterm_through_the_client_cancels_the_run(slow_run, sig, said):
     client, ranks, err = slow_run
-    client.send_signal(signal.SIGINT)
-    assert client.wait(timeout=90) == 130
+    client.send_signal(sig)
+    assert client.wait(timeout=90) == 128 + sig  # 130 / 143, as in-process
     _, alive = psutil.wait_procs(ranks, timeout=15)
     assert alive == []
     stderr = err.read_text(errors="replace")
-    assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+    assert f"interrupted ({said})" in stderr and "Traceback" not in stderr
 
 
 def test_a_killed_client_has_its_run_cancelled(slow_run, runner_home):
