@@ -1,9 +1,12 @@
 """What clusterflow's orchestration costs around the user's own jobs, side by side.
 
 (a) one ~25 s MPI job: ``clusterflow run`` of a one-step spec on a warm local stack
-    (``clusterflow local up``: Prefect server and moto already running) against a bare
-    ``mpiexec`` of the same command, interleaved, with the load average. Goal: ratio <= 1.05
-    (fixed <= 1 s). Where the fixed seconds go comes from the runs themselves: each
+    (``clusterflow local up``: Prefect server, moto and the warm runner already running)
+    against a bare ``mpiexec`` of the same command, interleaved, with the load average, both
+    ways a run can go: through the stack's warm runner (``flows.warm_runner``: the default
+    when the stack runs) and in-process (``CLUSTERFLOW_NO_WARM_RUNNER=1``: Prefect imported
+    by the run itself). Goal: ratio <= 1.05 (fixed <= 1 s). Where the fixed seconds go comes
+    from the runs themselves: each
     ``clusterflow run`` writes a mark as each phase ends (``CLUSTERFLOW_PHASE_FILE``,
     ``flows/phase_clock.py``: CLI imports, spec load, preflight, Prefect and pipeline imports,
     flow-run creation, the stages, artifacts, flow-run teardown, output, process exit), so
@@ -21,6 +24,7 @@ Runs are interleaved (bare, clusterflow, bare, ...) so a noisy machine hurts bot
     python bench/steps_overhead.py                    # needs `make slurm`
     python bench/steps_overhead.py --points 8 --job-seconds 5 --repeat 1   # smoke
     python bench/steps_overhead.py --no-sweep        # (a) and its phases only, no Slurm
+    python bench/steps_overhead.py --no-sweep --samples 1000 --repeat 3   # fixed costs only
     python bench/steps_overhead.py --no-sweep --compare /work/main/.venv/bin/clusterflow
 """
 
@@ -133,6 +137,7 @@ def provision_costs(repeat: int, spec: Path, home: Path) -> dict[str, Any]:
 
 # The marks `clusterflow run` writes with CLUSTERFLOW_PHASE_FILE (flows/phase_clock.py), in
 # order; each names the phase that ends at it. The bench adds the process's start and end.
+HANDED_OVER = "client start, hand-over to the warm runner"  # flows.warm_runner, warm runs only
 RUN_MARKS = ("python start, CLI imports", "spec load and validation", "preflight",
              "Prefect and pipeline imports", "flow-run creation", "flow body", "artifacts",
              "flow-run teardown", "output")
@@ -153,7 +158,7 @@ def run_phases(t0: float, t1: float, marks: list[tuple[str, float]],
         raise RuntimeError(f"the run wrote no phase marks for {missing}")
     table: dict[str, float] = {}
     prev = t0
-    for name in RUN_MARKS:
+    for name in ((HANDED_OVER,) if HANDED_OVER in at else ()) + RUN_MARKS:
         if name == "flow body":
             body = at[name] - prev
             for stage, secs in stages.items():
@@ -208,9 +213,9 @@ def _median_table(tables: list[dict[str, float]]) -> dict[str, float]:
 
 def single_job(samples: int, repeat: int, work: Path, env: dict[str, str],
                compare: Path | None = None) -> dict[str, Any]:
-    """(a): the same pi.py run bare and through clusterflow on a warm local stack; with
-    ``compare``, also through that ``clusterflow`` (another checkout's, e.g. main's venv),
-    interleaved, for a before/after in one run."""
+    """(a): the same pi.py run bare, through the warm runner and in-process on a warm local
+    stack; with ``compare``, also through that ``clusterflow`` (another checkout's, e.g.
+    main's venv), interleaved, for a before/after in one run."""
     argv = [sys.executable, str(PI), "--samples", str(samples), "--out",
             str(work / "bare" / "estimate.json")]
     bare_cmd = MpiexecLauncher(oversubscribe=True).command(2, argv)
@@ -218,36 +223,65 @@ def single_job(samples: int, repeat: int, work: Path, env: dict[str, str],
         "name": "pi", "command": ["python", str(PI), "--samples", str(samples), "--out",
                                   "{out}/estimate.json"]}])
     run_cmd = [str(BIN / "clusterflow"), "run", "--spec", str(spec), "--json"]
-    bare, flow, outs, marks, spans, load, other = [], [], [], [], [], [], []
+    ways = {"warm runner": {**env, "CLUSTERFLOW_NO_WARM_RUNNER": "0"},
+            "in-process": {**env, "CLUSTERFLOW_NO_WARM_RUNNER": "1"}}
+    bare: list[float] = []
+    load: list[float] = []
+    other: list[float] = []
+    got: dict[str, dict[str, list[Any]]] = {w: {"wall": [], "outs": [], "marks": [],
+                                                "spans": []} for w in ways}
     other_cmd = [str(compare), *run_cmd[1:]] if compare else None
     # One untimed run first: the stack's topology is applied (and fingerprinted) once, as
     # on any stack that has run this spec before.
     _timed(run_cmd, env, work)
+    _runner_ready(Path(env["CLUSTERFLOW_HOME"]))
     for i in range(repeat):
         if other_cmd:
             other.append(_timed(other_cmd, env, work))
         load.append(os.getloadavg()[0])
         bare.append(_timed(bare_cmd, env, work))
-        phase_file = work / f"phases-{i}.txt"
-        t0 = time.time()
-        flow.append(_timed(run_cmd, {**env, phase_clock.ENV: str(phase_file)}, work, outs))
-        spans.append((t0, time.time()))
-        marks.append(phase_clock.read(phase_file))
+        for way, way_env in (ways.items() if i % 2 == 0 else reversed(ways.items())):
+            phase_file = work / f"phases-{i}-{way.replace(' ', '-')}.txt"
+            t0 = time.time()
+            g = got[way]
+            g["wall"].append(_timed(run_cmd, {**way_env, phase_clock.ENV: str(phase_file)},
+                                    work, g["outs"]))
+            g["spans"].append((t0, time.time()))
+            g["marks"].append(phase_clock.read(phase_file))
+            warm = any(name == HANDED_OVER for name, _ in g["marks"][-1])
+            if warm != (way == "warm runner"):  # never report a fallback as a warm run
+                raise RuntimeError(f"run {i} ({way}) {'did' if warm else 'did not'} go "
+                                   "through the warm runner")
     load.append(os.getloadavg()[0])
-    b, f = statistics.median(bare), statistics.median(flow)
-    runs = [json.loads(o.strip().splitlines()[-1])["seconds"] for o in outs]
-    tables = [run_phases(t0, t1, m, st, b) for (t0, t1), m, st in zip(spans, marks, runs,
-                                                                    strict=True)]
-    start = start_costs(max(3, repeat), spec, env)
-    topology = provision_costs(max(5, repeat), spec, Path(env["CLUSTERFLOW_HOME"]))
-    floor = prefect_floor(max(3, repeat), env)
-    return {"samples": samples, "bare_s": bare, "clusterflow_s": flow,
-            "ratio": round(f / b, 3), "fixed_overhead_s": round(f - b, 2),
-            "load_average_1m": load, "stage_seconds": runs, "start_s": start,
-            "provision_topology": topology, "prefect_floor": floor,
-            "phases_per_run_s": tables, "phases_s": _median_table(tables),
-            "compare": {"cli": str(compare), "clusterflow_s": other,
-                        "ratio": round(statistics.median(other) / b, 3)} if other else None}
+    b = statistics.median(bare)
+    out: dict[str, Any] = {"samples": samples, "bare_s": bare, "load_average_1m": load}
+    for way, g in got.items():
+        runs = [json.loads(o.strip().splitlines()[-1])["seconds"] for o in g["outs"]]
+        tables = [run_phases(t0, t1, m, st, b)
+                  for (t0, t1), m, st in zip(g["spans"], g["marks"], runs, strict=True)]
+        f = statistics.median(g["wall"])
+        out[way] = {"clusterflow_s": g["wall"], "ratio": round(f / b, 3),
+                    "fixed_overhead_s": round(f - b, 2), "stage_seconds": runs,
+                    "phases_per_run_s": tables, "phases_s": _median_table(tables)}
+    out["start_s"] = start_costs(max(3, repeat), spec, env)
+    out["provision_topology"] = provision_costs(max(5, repeat), spec,
+                                                Path(env["CLUSTERFLOW_HOME"]))
+    out["prefect_floor"] = prefect_floor(max(3, repeat), env)
+    out["compare"] = {"cli": str(compare), "clusterflow_s": other,
+                      "ratio": round(statistics.median(other) / b, 3)} if other else None
+    return out
+
+
+def _runner_ready(home: Path, timeout: float = 120.0) -> None:
+    """Wait until the stack's runner answers on current code (it reloads itself after an
+    edit, declining runs meanwhile)."""
+    from flows.warm_runner import ping
+
+    deadline = time.monotonic() + timeout
+    while (reply := ping(home)) is None or reply.get("stale"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the warm runner in {home} does not answer; see its log")
+        time.sleep(0.5)
 
 
 def sweep(points: int, job_seconds: float, max_parallel: int, repeat: int, work: Path,
@@ -313,11 +347,13 @@ def main() -> None:
         finally:
             subprocess.run([str(BIN / "clusterflow"), "local", "down"], env=env, cwd=REPO,
                            capture_output=True)
+    warm, cold = one["warm runner"], one["in-process"]
+    b = statistics.median(one["bare_s"])
     table = Table("measure", "bare", "clusterflow", "ratio", "goal", box=None)
-    table.add_row(f"one {statistics.median(one['bare_s']):.0f} s job, warm stack (median s)",
-                  f"{statistics.median(one['bare_s']):.1f}",
-                  f"{statistics.median(one['clusterflow_s']):.1f}", f"{one['ratio']:.3f}",
-                  "<= 1.05")
+    for way, r in (("warm runner", warm), ("in-process", cold)):
+        table.add_row(f"one {b:.0f} s job, warm stack, {way} (median s)", f"{b:.1f}",
+                      f"{statistics.median(r['clusterflow_s']):.1f}", f"{r['ratio']:.3f}",
+                      "<= 1.05")
     if many:
         table.add_row(f"{args.points}-point sweep of {args.job_seconds:g} s jobs on Slurm "
                       "(median s)", f"{statistics.median(many['bare_s']):.1f}",
@@ -325,20 +361,24 @@ def main() -> None:
                       f"{many['ratio']:.3f}", "<= 1.3")
     if one["compare"]:
         c = one["compare"]
-        table.add_row(f"  the same, {c['cli']} (interleaved)",
-                      f"{statistics.median(one['bare_s']):.1f}",
+        table.add_row(f"  the same, {c['cli']} (interleaved)", f"{b:.1f}",
                       f"{statistics.median(c['clusterflow_s']):.1f}", f"{c['ratio']:.3f}", "")
     console.print(table)
-    console.print(f"fixed overhead per run: {one['fixed_overhead_s']} s"
+    console.print(f"fixed overhead per run: {warm['fixed_overhead_s']} s through the warm "
+                  f"runner, {cold['fixed_overhead_s']} s in-process"
                   + (f"; orchestration per sweep point: {many['overhead_per_point_ms']} ms"
                      if many else ""))
     job = "job (the bare run's median)"
-    fixed = Table(f"where one run's seconds go (median of {args.repeat} runs, each phase "
-                  "from the run's own marks)", "seconds", box=None)
-    for phase, secs in one["phases_s"].items():
-        fixed.add_row(phase, f"{secs:.3f}")
+    fixed = Table(f"where one run's seconds go (median of {args.repeat} runs each, from the "
+                  "runs' own marks)", "warm runner", "in-process", box=None)
+    phases = [*warm["phases_s"], *(p for p in cold["phases_s"] if p not in warm["phases_s"])]
+    for phase in phases:
+        cells = [f"{r['phases_s'][phase]:.3f}" if phase in r["phases_s"] else "-"
+                 for r in (warm, cold)]
+        fixed.add_row(phase, *cells)
     fixed.add_row("[bold]fixed (all but the job)[/]",
-                  f"{sum(v for k, v in one['phases_s'].items() if k != job):.3f}")
+                  *(f"{sum(v for k, v in r['phases_s'].items() if k != job):.3f}"
+                    for r in (warm, cold)))
     console.print(fixed)
     load = one["load_average_1m"]
     console.print(f"load average (1 min) during the runs: {min(load):.1f}-{max(load):.1f}")

@@ -160,8 +160,6 @@ def run(
     # no process this run starts outlives it (the rest die with it even on SIGKILL).
     with terminate_like_interrupt(), exit_on_interrupt(err), \
             prefect_runtime.temporary_server(state_dir()) as server:
-        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
         from flows.pipeline import hpc_pipeline
         from flows.steps.flow import PipelineFailed
 
@@ -173,8 +171,7 @@ def run(
             from flows import prewarm
 
             prewarm.start(loaded)  # boto3 clients built while Prefect creates the flow run
-            # A CLI run is watched by its caller; the heartbeat thread would only add ~1 s.
-            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            with prefect_runtime.without_heartbeat():  # the caller watches a CLI run
                 result = hpc_pipeline(spec_path=str(spec), ranks=ranks, aws_mode=aws,
                                       backend=backend)
         except PipelineFailed as e:  # some points failed: the summary still says what happened

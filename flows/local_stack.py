@@ -14,7 +14,9 @@ worker started from a non-interactive shell still honours SIGTERM):
 - the event fabric (``event_bridge/fabric.yaml``: buckets, rules, topics, queues with DLQs,
   the dedup table), applied to that endpoint, and its background consumers
   (``clusterflow events consume``), among them the Prefect bridge
-  (``event_bridge.prefect_bridge:handler``) on ``input-uploads`` and ``result-events``.
+  (``event_bridge.prefect_bridge:handler``) on ``input-uploads`` and ``result-events``;
+- the warm runner (``flows.warm_runner``): Prefect and the pipeline imported once, so each
+  ``clusterflow run`` against the stack forks from it instead of importing them again.
 
 Everything it starts is recorded in ``local-stack.json`` (pid and process start time, so a
 recycled pid is never signalled), with logs under ``logs/``. ``down`` stops exactly those
@@ -43,6 +45,7 @@ import yaml
 from pydantic import BaseModel
 
 from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
+from flows import warm_runner
 from flows.local_postgres import LocalPostgres, PostgresError
 from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
 from flows.spec import DEFAULT_SPEC, load_spec
@@ -54,7 +57,7 @@ PREFECT_FILE = REPO / "prefect.yaml"
 BIN = Path(sys.executable).parent
 STATE_FILE = "local-stack.json"
 # ``down`` stops the clients (consumers, worker) before the services they talk to.
-COMPONENTS = ("moto", "postgres", "prefect-server", "worker", "consumers")
+COMPONENTS = ("moto", "postgres", "prefect-server", "worker", "consumers", "runner")
 STARTUP_TIMEOUT_S = 180.0
 
 # The stack's server runs deployments, so it needs the services a single CLI run does not:
@@ -381,6 +384,12 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         state.moto_url = moto.url
         _save(state)
         _write_json(home / "moto.json", {"url": moto.url, "pid": moto.proc.pid})
+        runner, runner_proc = _spawn("runner", warm_runner.command(home),
+                                     {**_env(home), "PREFECT_API_URL": api_url},
+                                     logs / "runner.log")  # imports while the rest starts
+        started.append(runner)
+        state.components[runner.name] = runner
+        _save(state)
         aws = AwsTarget(region=spec.region, endpoint_url=moto.url, embedded=True)
         apply_event_fabric(aws, fabric)
         state.consumers = background_consumers(fabric)
@@ -411,6 +420,8 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
                   worker.log)
         _wait_for("the consumers", lambda: "consuming" in _tail(consumers.log, 20000),
                   consumers_proc, consumers.log)
+        _wait_for("the warm runner", lambda: warm_runner.ping(home) is not None, runner_proc,
+                  runner.log)
         _write_json(home / "prefect.json", {"url": api_url, "pid": server.pid})
     except BaseException as e:
         _stop(list(reversed(started)), grace_s=10)
@@ -439,7 +450,7 @@ def down(home: Path, grace_s: float = 30.0) -> dict[str, Any]:
         return {"home": str(home), "stopped": {}, "was_running": False}
     running = {n: c for n, c in state.components.items() if _process(c) is not None}
     # Consumers and worker first (no new events, no new runs), then the services.
-    first = [running[n] for n in ("consumers", "worker") if n in running]
+    first = [running[n] for n in ("runner", "consumers", "worker") if n in running]
     second = [running[n] for n in ("prefect-server", "moto") if n in running]
     signalled, killed = _stop(first, grace_s)
     signalled2, killed2 = _stop(second, grace_s)
@@ -481,6 +492,8 @@ def status(home: Path) -> dict[str, Any]:
             from infra.aws.embedded import _answers
 
             info["healthy"] = _answers(c.url or "", attempts=2, timeout=5.0)
+        if name == "runner" and proc is not None:
+            info["healthy"] = warm_runner.ping(home) is not None
         if name == "postgres" and proc is not None and state.database_port:
             info["healthy"] = _database(home, state).ready()
         components[name] = info

@@ -74,12 +74,17 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["started"] is True and report["state"] == "running"
     comps = report["components"]
-    assert set(comps) == {"moto", "postgres", "prefect-server", "worker", "consumers"}
+    assert set(comps) == {"moto", "postgres", "prefect-server", "worker", "consumers",
+                          "runner"}
     pids = {name: c["pid"] for name, c in comps.items()}
     try:
         assert all(c["running"] for c in comps.values())
         assert comps["prefect-server"]["healthy"] and comps["moto"]["healthy"]
-        assert comps["postgres"]["healthy"]
+        assert comps["postgres"]["healthy"] and comps["runner"]["healthy"]
+        # The warm runner answers on its socket (flows.warm_runner).
+        from flows.warm_runner import ping
+
+        assert ping(home)["pid"] == pids["runner"]
         assert report["database"] == comps["postgres"]["url"]
         assert report["database"].startswith("postgresql://clusterflow@127.0.0.1:")
         # The Prefect server keeps its state in that PostgreSQL, not in SQLite.
@@ -119,13 +124,14 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         down = _cli(["local", "down", "--json"], env)
     assert down.returncode == 0, down.stderr
     stopped = json.loads(down.stdout)
-    assert stopped["stopped"] == {n: pids[n] for n in ("consumers", "worker",
+    assert stopped["stopped"] == {n: pids[n] for n in ("runner", "consumers", "worker",
                                                         "prefect-server", "moto", "postgres")}
     assert stopped["pids_killed"] == []  # every process honoured SIGTERM
     assert set(stopped["pids_signalled"]) >= set(pids.values())
     left = sorted(pid for pid in every if _alive(pid))
     assert left == [], f"processes left behind: {left}"
     assert not (home / "moto.json").exists() and not (home / "local-stack.json").exists()
+    assert not (home / "runner.sock").exists()
     data_dir = str(home / "stack" / "postgres" / "data")
     assert not [p.pid for p in psutil.process_iter(["cmdline"])
                 if data_dir in " ".join(p.info["cmdline"] or [])], "a postgres is left"
