@@ -176,7 +176,7 @@ def run(
                                       backend=backend)
         except PipelineFailed as e:  # some points failed: the summary still says what happened
             result, code = e.summary, 1
-            err.print(f"[red]error:[/] pipeline failed: {e}", markup=False, highlight=False)
+            err.print(f"[red]error:[/] pipeline failed: {escape(str(e))}", highlight=False)
         except prefect_runtime.PrefectServerError as e:
             err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None

@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
             loaded = load_spec(spec)
             result = build(loaded, spec, prices, offline, live=live)
         except (SpecError, PriceError) as e:
-            err.print(f"[red]error:[/] {e}", highlight=False, markup=False)
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
         if as_json:
             sys.stdout.write(json.dumps(result) + "\n")

@@ -159,6 +159,7 @@ def test_failing_run_exits_1_with_the_same_message(env, tmp_path, runner_home):
     assert warm.returncode == cold.returncode == 1, warm.stderr[-3000:]
     errors = [[ln for ln in _masked(p.stderr) if "pipeline failed:" in ln] for p in (warm, cold)]
     assert errors[0] == errors[1] and errors[0], errors
+    assert errors[0][0].startswith("error: pipeline failed:"), errors  # no literal [red]
     assert _masked(warm.stdout) == _masked(cold.stdout)
 
 
