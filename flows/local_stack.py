@@ -29,12 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +44,16 @@ from flows import warm_runner
 from flows.local_postgres import LocalPostgres, PostgresError
 from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
 from flows.spec import DEFAULT_SPEC, load_spec
+from flows.stack_processes import (
+    Component,
+    StackError,
+    healthy,
+    log_tail,
+    recorded_process,
+    spawn,
+    stop_components,
+    wait_for,
+)
 from infra.aws.clients import AwsTarget
 from infra.aws.embedded import MotoServer, _free_port
 
@@ -58,7 +63,6 @@ BIN = Path(sys.executable).parent
 STATE_FILE = "local-stack.json"
 # ``down`` stops the clients (consumers, worker) before the services they talk to.
 COMPONENTS = ("moto", "postgres", "prefect-server", "worker", "consumers", "runner")
-STARTUP_TIMEOUT_S = 180.0
 
 # The stack's server runs deployments, so it needs the services a single CLI run does not:
 # triggers (reactive and proactive automations, and the actions that start runs), the
@@ -79,19 +83,6 @@ STACK_CLIENT_SETTINGS = {
     "PREFECT_WORKER_QUERY_SECONDS": "2",
     "PREFECT_LOGGING_LEVEL": "INFO",
 }
-
-
-class StackError(RuntimeError):
-    """The local stack cannot be started, stopped or inspected; the message says why."""
-
-
-class Component(BaseModel):
-    name: str
-    pid: int
-    create_time: float
-    command: list[str]
-    log: str
-    url: str | None = None
 
 
 class StackState(BaseModel):
@@ -145,116 +136,10 @@ def recorded_prefect_api(home: Path) -> str | None:
     """The API URL of a running local stack's Prefect server, if it answers."""
     state = load_state(home)
     # Retried: a busy server answering late is still the stack's server.
-    if state and state.prefect_api_url and _healthy(state.prefect_api_url + "/health",
+    if state and state.prefect_api_url and healthy(state.prefect_api_url + "/health",
                                                     timeout=5.0, attempts=3):
         return state.prefect_api_url
     return None
-
-
-# ---------------------------------------------------------------------------- processes
-
-def _process(c: Component) -> psutil.Process | None:
-    """The recorded process if it still runs (same pid *and* start time), else None."""
-    try:
-        p = psutil.Process(c.pid)
-        if abs(p.create_time() - c.create_time) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return p
-    except psutil.NoSuchProcess:
-        return None
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _reset_signals() -> None:
-    # A parent started with `cmd &` hands down SIGINT ignored; Prefect's worker then also
-    # ignores SIGTERM. Children get default handlers whatever their parent had.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _spawn(name: str, command: list[str], env: dict[str, str], log: Path,
-           url: str | None = None) -> tuple[Component, subprocess.Popen[bytes]]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=_reset_signals)
-    return Component(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
-                     command=command, log=str(log), url=url), proc
-
-
-def _tail(path: str | Path, chars: int = 1500) -> str:
-    try:
-        return Path(path).read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-def _healthy(url: str, timeout: float = 2.0, attempts: int = 1) -> bool:
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                if r.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        if attempt + 1 < attempts:
-            time.sleep(0.5)
-    return False
-
-
-def _wait_for(what: str, ready: Any, proc: subprocess.Popen[bytes], log: str,
-              timeout: float = STARTUP_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            raise StackError(f"{what} exited at start (code {proc.returncode}); its log "
-                             f"{log} ends with:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise StackError(f"{what} was not ready within {timeout:.0f} s; see {log}:\n"
-                             f"{_tail(log)}")
-        time.sleep(0.25)
-
-
-def _stop(components: list[Component], grace_s: float) -> tuple[list[int], list[int]]:
-    """SIGTERM each component's process group and descendants; SIGKILL what outlives grace.
-
-    Returns (signalled pids, pids that needed SIGKILL).
-    """
-    procs: dict[int, psutil.Process] = {}
-    for c in components:
-        root = _process(c)
-        if root is None:
-            continue
-        with contextlib.suppress(psutil.Error):
-            for p in [root, *root.children(recursive=True)]:
-                procs[p.pid] = p
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(c.pid, signal.SIGTERM)  # each was started as its own group leader
-    for p in procs.values():  # descendants that made their own groups (flow runs)
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    while any(_alive(p) for p in procs.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    killed = []
-    for p in procs.values():
-        if _alive(p):
-            killed.append(p.pid)
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-    me = os.getpid()
-    for p in procs.values():  # reap our own children (on a failed `up`)
-        with contextlib.suppress(psutil.Error, ChildProcessError):
-            if p.ppid() == me:
-                p.wait(timeout=5)
-    return sorted(procs), sorted(killed)
 
 
 # ---------------------------------------------------------------------------- fabric
@@ -325,7 +210,7 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
     home = home.resolve()
     existing = load_state(home)
     if existing is not None:
-        running = {n: _process(c) is not None for n, c in existing.components.items()}
+        running = {n: recorded_process(c) is not None for n, c in existing.components.items()}
         if running and all(running.values()) and set(running) == set(COMPONENTS):
             return existing, False
         if any(running.values()):
@@ -365,7 +250,7 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
                       "PREFECT_API_DATABASE_CONNECTION_URL": pg.url,
                       # The UI's API address (its default is port 4200's).
                       "PREFECT_UI_API_URL": api_url}
-        server, server_proc = _spawn(
+        server, server_proc = spawn(
             "prefect-server",
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
              str(port)], server_env, logs / "prefect-server.log", url=api_url)
@@ -384,7 +269,7 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         state.moto_url = moto.url
         _save(state)
         _write_json(home / "moto.json", {"url": moto.url, "pid": moto.proc.pid})
-        runner, runner_proc = _spawn("runner", warm_runner.command(home),
+        runner, runner_proc = spawn("runner", warm_runner.command(home),
                                      {**_env(home), "PREFECT_API_URL": api_url},
                                      logs / "runner.log")  # imports while the rest starts
         started.append(runner)
@@ -394,12 +279,12 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         apply_event_fabric(aws, fabric)
         state.consumers = background_consumers(fabric)
 
-        _wait_for("the Prefect server", lambda: _healthy(f"{api_url}/health"), server_proc,
+        wait_for("the Prefect server", lambda: healthy(f"{api_url}/health"), server_proc,
                   server.log)
         ensure_work_pool(api_url, work_pool)
         client_env = {**_env(home), **STACK_CLIENT_SETTINGS, "PREFECT_API_URL": api_url,
                       "CLUSTERFLOW_SPEC": state.spec}
-        worker, worker_proc = _spawn(
+        worker, worker_proc = spawn(
             "worker",
             [str(BIN / "prefect"), "worker", "start", "--pool", work_pool, "--type", "process",
              "--name", f"clusterflow-local-{port}"], client_env, logs / "worker.log")
@@ -407,7 +292,7 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         state.components[worker.name] = worker
         _save(state)
 
-        consumers, consumers_proc = _spawn(
+        consumers, consumers_proc = spawn(
             "consumers",
             [sys.executable, "-m", "event_bridge.cli", "consume", "--fabric", state.fabric,
              "--aws", "embedded", "--region", spec.region],
@@ -416,15 +301,15 @@ def up(home: Path, spec_path: Path = DEFAULT_SPEC, port: int | None = None,
         state.components[consumers.name] = consumers
         _save(state)
 
-        _wait_for("the worker", lambda: _worker_online(api_url, work_pool), worker_proc,
+        wait_for("the worker", lambda: _worker_online(api_url, work_pool), worker_proc,
                   worker.log)
-        _wait_for("the consumers", lambda: "consuming" in _tail(consumers.log, 20000),
+        wait_for("the consumers", lambda: "consuming" in log_tail(consumers.log, 20000),
                   consumers_proc, consumers.log)
-        _wait_for("the warm runner", lambda: warm_runner.ping(home) is not None, runner_proc,
+        wait_for("the warm runner", lambda: warm_runner.ping(home) is not None, runner_proc,
                   runner.log)
         _write_json(home / "prefect.json", {"url": api_url, "pid": server.pid})
     except BaseException as e:
-        _stop(list(reversed(started)), grace_s=10)
+        stop_components(list(reversed(started)), grace_s=10)
         _forget(home, state)
         if isinstance(e, PostgresError):
             raise StackError(str(e)) from None
@@ -448,18 +333,18 @@ def down(home: Path, grace_s: float = 30.0) -> dict[str, Any]:
     state = load_state(home)
     if state is None:
         return {"home": str(home), "stopped": {}, "was_running": False}
-    running = {n: c for n, c in state.components.items() if _process(c) is not None}
+    running = {n: c for n, c in state.components.items() if recorded_process(c) is not None}
     # Consumers and worker first (no new events, no new runs), then the services.
     first = [running[n] for n in ("runner", "consumers", "worker") if n in running]
     second = [running[n] for n in ("prefect-server", "moto") if n in running]
-    signalled, killed = _stop(first, grace_s)
-    signalled2, killed2 = _stop(second, grace_s)
+    signalled, killed = stop_components(first, grace_s)
+    signalled2, killed2 = stop_components(second, grace_s)
     # PostgreSQL last, once nobody uses it: a fast shutdown through pg_ctl, so the cluster
     # stops cleanly; whatever outlives it is signalled like any component.
     third = [running["postgres"]] if "postgres" in running else []
     if third and state.database_port and _database(home, state).stop(timeout=grace_s):
         signalled2.append(third[0].pid)
-    signalled3, killed3 = _stop(third, grace_s)
+    signalled3, killed3 = stop_components(third, grace_s)
     _forget(home, state)
     return {"home": str(home), "was_running": True,
             "stopped": {c.name: c.pid for c in [*first, *second, *third]},
@@ -482,12 +367,12 @@ def status(home: Path) -> dict[str, Any]:
         if c is None:
             components[name] = {"running": False}
             continue
-        proc = _process(c)
+        proc = recorded_process(c)
         info: dict[str, Any] = {"running": proc is not None, "pid": c.pid, "log": c.log}
         if c.url:
             info["url"] = c.url
         if name == "prefect-server" and proc is not None and c.url:
-            info["healthy"] = _healthy(f"{c.url}/health", timeout=5.0, attempts=2)
+            info["healthy"] = healthy(f"{c.url}/health", timeout=5.0, attempts=2)
         if name == "moto" and proc is not None and c.url:
             from infra.aws.embedded import _answers
 
