@@ -110,11 +110,19 @@ def reclaim_node(job_id: str, env: dict[str, str], timeout: float = 60) -> None:
         assert time.monotonic() < deadline, text
         time.sleep(0.2)
     assert "Restarts=1" in text, text
-    state = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
-                           text=True, env=env).stdout.strip()
-    if state.startswith("down"):
-        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
-                       capture_output=True, text=True, env=env, check=True)
+
+    def node_state() -> str:
+        return subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                              text=True, env=env).stdout.strip()
+
+    # slurmd may re-register (and so resume the node) between the look and the RESUME, which
+    # then fails as an invalid transition: only a node still down afterwards is an error.
+    while node_state().startswith("down"):
+        got = subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                             capture_output=True, text=True, env=env)
+        assert got.returncode == 0 or not node_state().startswith("down"), got.stderr
+        assert time.monotonic() < deadline, f"node {node} still down: {node_state()}"
+        time.sleep(0.2)
     time.sleep(max(0.0, lost + 2.5 - time.monotonic()))
     got = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                          capture_output=True, text=True, env=env)
