@@ -439,3 +439,30 @@ def test_a_reclaimed_staged_point_resumes_from_its_checkpoints_on_the_mount(
     assert "restarting from step" in log, log
     field = np.load(io.BytesIO(_get(world, f"runs/{run_id}/sim/field.npy")))
     assert np.array_equal(field, reference_solution(heat_hotspots(192, 192), 800, 0.2))
+
+
+def test_a_local_spec_whose_steps_all_run_on_the_cluster_stages_through_fsx(
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
+    """``backend: local`` at the top, every step ``backend: parallelcluster``: the checks and
+    the run look at each step's backend, so it stages through FSx like a parallelcluster
+    spec (before, it ran the cluster's steps as if this machine's scratch were mounted)."""
+    world = steps_world(aws, tmp_path)
+    _edit(world, sim={"backend": "parallelcluster"}, total={"backend": "parallelcluster"},
+          spec={"backend": "local"})
+    spec = load_spec(world.spec_path)
+    assert spec.backend == "local" and uses_fsx(spec)
+    run_id = "steps-fsx-mixed"
+    tasks = [(IMPORT, "SUCCEEDED")] + [(EXPORT, "SUCCEEDED")] * 3
+    with fsx_stub(world, run_id, tasks) as client:
+        summary = run_flow(world, local_slurm, client, run_id, prefect_api, monkeypatch,
+                           tmp_path)
+    assert summary["state"] == "succeeded" and summary["points"] == {"total": 3, "failed": 0}
+    assert client.seen[0][0] == IMPORT
+    exported = [p for k, ps in client.seen[1:] for p in ps if k == EXPORT]
+    assert sorted(exported) == sorted([f"/results/runs/{run_id}/sim/alpha={a}"
+                                       for a in ALPHAS] + [f"/results/runs/{run_id}/total"])
+    assert all(p["backend"] == "parallelcluster" for p in _points(summary).values())
+    assert _get(world, f"runs/{run_id}/total/total.txt").decode() == expected_total()
+    # the points worked on the cluster's mount, not in this machine's scratch
+    assert (Path(world.remote_root) / run_id / "sim" / "alpha=0.2" / "out").is_dir()
+    assert not list((tmp_path / "local" / run_id).rglob("*.npy"))
