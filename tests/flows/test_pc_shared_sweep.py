@@ -6,7 +6,9 @@ The cluster is the head-node stand-in of tests/flows/test_fsx_pipeline.py: the p
 batch scripts through ``LocalShell`` against the local Slurm, real mpiexec ranks, S3 the
 embedded moto endpoint. The sweep has two parameters, so its point folders hold both '=' and
 ',' (``alpha=0.1,n=3``); each point's ranks read their value from the command line and from
-the step's env, and the fan-in reads every point's output through its ``in/`` links.
+the step's env, and the fan-in reads every point's output through its ``in/`` links. Run
+twice: the whole spec on parallelcluster, and a local spec whose sweep step alone says
+``backend: parallelcluster`` (the fan-in then runs on this machine, the head node).
 """
 
 from __future__ import annotations
@@ -54,18 +56,20 @@ def local_slurm() -> LocalSlurm:
     return ensure_local_slurm()
 
 
-def shared_world(aws: Any, tmp_path: Path) -> World:
-    """World's buckets and head node, with clusterflow running on the cluster's mount."""
+def shared_world(aws: Any, tmp_path: Path, top: str = "parallelcluster") -> World:
+    """World's buckets and head node, with clusterflow running on the cluster's mount; with
+    ``top`` local, only the sweep says ``backend: parallelcluster`` (the fan-in runs here)."""
     world = World(aws, tmp_path)
     raw = yaml.safe_load(world.spec_path.read_text())
     del raw["kernel"]
     raw["scratch_dir"] = world.remote_root
+    raw["backend"] = top
     raw["steps"] = [
         {"name": "sim", "command": ["python", "-c", RANKS, "{params.alpha}", "{params.n}",
                                     "{out}"],
          "launcher": "mpiexec", "env": {"POINT_ALPHA": "{params.alpha}"},
          "sweep": {"alpha": list(ALPHAS), "n": [3], "max_parallel": 2},
-         "outputs": ["value.txt"]},
+         "outputs": ["value.txt"], "backend": "parallelcluster"},
         {"name": "total", "command": ["python", "-c", FAN_IN, "{inputs.vals}",
                                       "{out}/total.txt"],
          "inputs": {"vals": "steps.sim.outputs/value.txt"}, "launcher": "none",
@@ -86,15 +90,17 @@ def _completion_log(local_slurm: LocalSlurm) -> list[str]:
     return comp.read_text().splitlines()
 
 
+@pytest.mark.parametrize("top", ["parallelcluster", "local"])
 def test_a_sweep_on_the_shared_mount_runs_as_one_job_array_and_fans_in(
-        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
-    world = shared_world(aws, tmp_path)
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch, top):
+    world = shared_world(aws, tmp_path, top)
     spec = load_spec(world.spec_path)
     assert shared_mount(spec) and not uses_fsx(spec)
     run_id = "pc-shared-sweep"
     summary = run_flow(world, local_slurm, None, run_id, prefect_api, monkeypatch, tmp_path)
     assert summary["state"] == "succeeded", summary
     assert summary["points"] == {"total": 4, "failed": 0}
+    assert summary["steps"]["total"]["points"][0]["backend"] == top
     labels = [f"alpha={a},n=3" for a in ALPHAS]
     sim = {p["point"]: p for p in summary["steps"]["sim"]["points"]}
     assert sorted(sim) == labels
