@@ -2,8 +2,8 @@
 
 A point starts once every point it reads from has finished, at most ``max_parallel`` points of
 one sweep at a time; a point whose upstream failed is skipped, and with ``fail_fast`` the
-first failure cancels its siblings. On Slurm (and on parallelcluster where clusterflow runs on the
-cluster's mount), the points of a sweep go to the scheduler as one job array
+first failure cancels its siblings. On Slurm and on parallelcluster, the points of a sweep go to
+the scheduler as one job array
 (``sbatch --array=...%max_parallel``), while each point stays its own task run.
 With ``reuse_result`` a point whose step, parameters and input bytes are unchanged is a
 Prefect cache hit: its earlier outputs are fetched and verified instead of being recomputed.
@@ -132,11 +132,10 @@ ARRAY_MAX_POINTS = 200
 
 def _uses_array(run: StepRun, step: StepSpec) -> bool:
     # Inside an allocation (a flow run of the Slurm pool) points are srun steps, not arrays.
-    # A parallelcluster run staged through FSx submits each point with its own staging
-    # (flows.steps.fsx); on the shared mount its points are one array on the head node.
-    backend = run.backend_of(step)
-    array_backend = backend == "slurm" or (backend == "parallelcluster" and run.fsx is None)
-    return (array_backend and step.sweep is not None and not step.per_point
+    # On parallelcluster the array goes to the head node, on the shared mount or staged
+    # through FSx (each element's command carries its own hand-over, flows.steps.fsx).
+    return (run.backend_of(step) in ("slurm", "parallelcluster") and step.sweep is not None
+            and not step.per_point
             and 1 < len(run.plan.points[step.name]) <= ARRAY_MAX_POINTS
             and current_allocation() is None)
 

@@ -215,6 +215,10 @@ def test_a_staged_sweep_and_fan_in_publish_verified_outputs_then_the_manifest(
     assert all(k == EXPORT for k, _ in client.seen[1:]) and len(client.seen) <= 4
     assert summary["state"] == "succeeded" and summary["points"] == {"total": 3, "failed": 0}
     assert {"cluster", "stage_in_fsx", "steps", "publish", "consume"} <= set(summary["seconds"])
+    # the sweep went to the head node as ONE job array, an element per point
+    sim = summary["steps"]["sim"]["points"]
+    (array_id,) = {p["job_id"].split("_")[0] for p in sim}
+    assert sorted(p["job_id"] for p in sim) == [f"{array_id}_{i}" for i in range(len(ALPHAS))]
     # the fan-in read both points' fields on the file system, through the links the job made
     prefix = f"runs/{run_id}/"
     assert _get(world, prefix + "total/total.txt").decode() == expected_total()
@@ -236,8 +240,9 @@ def test_a_staged_sweep_and_fan_in_publish_verified_outputs_then_the_manifest(
     assert link.resolve() == world.mount / "results" / "runs" / run_id / "sim" / "alpha=0.1" \
         / "field.npy"
     assert (on_fsx / "sim" / "alpha=0.2" / "out").is_dir()
-    script = (on_fsx / "total.sbatch").read_text()  # this machine's paths are not sent
-    assert "export PATH=" not in script and "export PYTHONPATH=" not in script
+    for name in ("sim.sbatch", "total.sbatch"):  # this machine's paths are not sent
+        script = (on_fsx / name).read_text()
+        assert "export PATH=" not in script and "export PYTHONPATH=" not in script
     # nothing but job logs and records went through this machine's scratch
     local = tmp_path / "local" / run_id
     assert not list(local.rglob("*.npy")) and not list(local.rglob("total.txt"))
