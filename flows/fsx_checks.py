@@ -25,6 +25,31 @@ MOUNTED_ONLY = ("{spec_dir} and a relative executable name a folder on the machi
                 "and imported: `inputs: {script: run.py}`, then `{inputs.script}`)")
 
 
+def run_backends(spec: Any) -> set[str]:
+    """The backends a run opens: each step's own (or the spec's), or the spec's for a
+    single-kernel spec. Every check of where data goes looks at these, not only at the
+    spec's ``backend`` (one step of a local spec may run on parallelcluster)."""
+    if spec.steps:
+        return {s.backend or spec.backend for s in spec.step_list()}
+    return {spec.backend}
+
+
+def section_problem(spec: Any) -> str | None:
+    """A cloud backend some job runs on, without the spec section that says where."""
+    for backend in ("parallelcluster", "batch"):
+        if backend in run_backends(spec) and getattr(spec, backend) is None:
+            steps = [s.name for s in (spec.steps or []) if s.backend == backend]
+            who = f"steps.{steps[0]}.backend" if steps and spec.backend != backend else "backend"
+            return (f"{who} '{backend}' needs a '{backend}:' section "
+                    "(see cluster_configs/ and the README)")
+    return None
+
+
+def on_parallelcluster(spec: Any) -> bool:
+    """Some job of the run goes to the cluster (the spec's backend or one step's)."""
+    return "parallelcluster" in run_backends(spec)
+
+
 def shared_mount(spec: Any) -> bool:
     """clusterflow runs where the cluster's storage is mounted (scratch_dir is remote_root)."""
     return spec.scratch_dir.resolve() == Path(spec.parallelcluster.remote_root)
@@ -34,7 +59,7 @@ def uses_fsx(spec: Any) -> bool:
     """The parallelcluster backend run from elsewhere: stage through FSx (validated at load),
     the single-kernel pipeline (``flows.fsx_staging``) or a ``steps:`` one
     (``flows.steps.fsx``)."""
-    return spec.backend == "parallelcluster" and not shared_mount(spec)
+    return on_parallelcluster(spec) and not shared_mount(spec)
 
 
 def uses_batch_stager(spec: Any) -> bool:
@@ -53,6 +78,10 @@ def fsx_refusal(spec: Any) -> str | None:
     root = spec.parallelcluster.remote_root
     where = (f"scratch_dir ({spec.scratch_dir}) is not the cluster's shared storage "
              f"parallelcluster.remote_root ({root})")
+    if spec.backend != "parallelcluster":  # only some steps go to the cluster: name them
+        names = ", ".join(f"steps.{s.name}" for s in spec.step_list()
+                          if s.backend == "parallelcluster")
+        where = f"{names} run(s) on parallelcluster, but {where}"
     s = spec.storage
     # A steps: run's inputs are known from its graph, checked by steps_problems at load.
     keys = [] if spec.steps else [input_key(spec)]
@@ -89,10 +118,15 @@ def steps_problems(spec: Any, plan: Any) -> list[str]:
     s = spec.storage
     local_key = f"{s.input_prefix}clusterflow-local/x"
     for name, step in plan.steps.items():
-        if (step.backend or spec.backend) != "parallelcluster":
-            problems.append(f"steps.{name}.backend: {step.backend}: a run staged through the "
-                            "cluster's FSx runs every step on parallelcluster (its outputs "
-                            "stay on the cluster's file system for the next step)")
+        backend = step.backend or spec.backend
+        if backend != "parallelcluster":
+            field = f"steps.{name}.backend: {backend}" if step.backend else \
+                f"steps.{name} (backend: {backend} at the top of the spec)"
+            problems.append(f"{field}: a run staged through the cluster's FSx runs every step "
+                            "on parallelcluster (its outputs stay on the cluster's file "
+                            "system for the next step): set backend: parallelcluster for "
+                            "this step, or run clusterflow where the storage is mounted "
+                            "with scratch_dir equal to parallelcluster.remote_root")
         args = list(step.command or []) + list(step.env.values())
         if step.command and "/" in step.command[0] and not step.command[0].startswith(("/",
                                                                                         "{")):

@@ -196,14 +196,15 @@ class PipelineSpec(_Strict):
             if self.ranks > cells:
                 shape = f"{p.ny}x{p.nx}" if p.nz is None else f"{p.nz}x{p.ny}x{p.nx}"
                 raise ValueError(f"ranks={self.ranks} exceeds the {shape} grid's cell count")
-        if self.backend in ("parallelcluster", "batch") and getattr(self, self.backend) is None:
-            raise ValueError(f"backend '{self.backend}' needs a '{self.backend}:' section "
-                             f"(see cluster_configs/ and the README)")
-        if self.backend == "parallelcluster":
-            # Either the run directory is the cluster's shared storage (clusterflow runs on
-            # the head node), or the data stages through the cluster's FSx (flows.fsx_staging).
-            from flows.fsx_checks import fsx_refusal
+        from flows.fsx_checks import fsx_refusal, on_parallelcluster, section_problem
 
+        problem = section_problem(self)  # the spec's backend or any step's
+        if problem is not None:
+            raise ValueError(problem)
+        if on_parallelcluster(self):
+            # Either the run directory is the cluster's shared storage (clusterflow runs on
+            # the head node), or the data stages through the cluster's FSx (flows.fsx_staging,
+            # flows.steps.fsx): whether the spec's backend or only one step's is the cluster.
             problem = fsx_refusal(self)
             if problem is not None:
                 raise ValueError(problem)

@@ -2,8 +2,9 @@
 
 A point starts once every point it reads from has finished, at most ``max_parallel`` points of
 one sweep at a time; a point whose upstream failed is skipped, and with ``fail_fast`` the
-first failure cancels its siblings. On Slurm, the points of a sweep go to the scheduler as one
-job array (``sbatch --array=...%max_parallel``), while each point stays its own task run.
+first failure cancels its siblings. On Slurm and on parallelcluster, the points of a sweep go to
+the scheduler as one job array
+(``sbatch --array=...%max_parallel``), while each point stays its own task run.
 With ``reuse_result`` a point whose step, parameters and input bytes are unchanged is a
 Prefect cache hit: its earlier outputs are fetched and verified instead of being recomputed.
 """
@@ -83,7 +84,7 @@ class ArrayBatch:
                  env: dict[str, str]) -> JobHandle | None:
         """This point's array element; None once the array has gone without it (a retry,
         or a recompute after a failed reuse): the caller submits it on its own."""
-        from infra.backends.providers.slurm import ArrayItem
+        from infra.backends.providers.base import ArrayItem
 
         with self.cond:
             if self.handles is not None or self.error is not None:
@@ -106,9 +107,12 @@ class ArrayBatch:
                 return
             items = [self.items[i] for i in sorted(self.items)]
             try:
+                # On parallelcluster the scripts and logs go in <remote_root>/<run dir name>/
+                # (a point's own folder name may hold '=' and ','), as its single jobs' do.
+                pc = self.run.backend_of(self.step) == "parallelcluster"
                 handles = self.provider.submit_array(
                     items, ranks=self.ranks, job_name=self.step.name,
-                    workdir=self.run.run_dir / self.step.name,
+                    workdir=self.run.run_dir if pc else self.run.run_dir / self.step.name,
                     max_parallel=self.step.sweep.max_parallel if self.step.sweep else 1)
                 self.handles = {i.index: h for i, h in zip(items, handles, strict=True)}
                 if items:
@@ -128,7 +132,10 @@ ARRAY_MAX_POINTS = 200
 
 def _uses_array(run: StepRun, step: StepSpec) -> bool:
     # Inside an allocation (a flow run of the Slurm pool) points are srun steps, not arrays.
-    return (run.backend_of(step) == "slurm" and step.sweep is not None and not step.per_point
+    # On parallelcluster the array goes to the head node, on the shared mount or staged
+    # through FSx (each element's command carries its own hand-over, flows.steps.fsx).
+    return (run.backend_of(step) in ("slurm", "parallelcluster") and step.sweep is not None
+            and not step.per_point
             and 1 < len(run.plan.points[step.name]) <= ARRAY_MAX_POINTS
             and current_allocation() is None)
 

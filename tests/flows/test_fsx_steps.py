@@ -215,6 +215,10 @@ def test_a_staged_sweep_and_fan_in_publish_verified_outputs_then_the_manifest(
     assert all(k == EXPORT for k, _ in client.seen[1:]) and len(client.seen) <= 4
     assert summary["state"] == "succeeded" and summary["points"] == {"total": 3, "failed": 0}
     assert {"cluster", "stage_in_fsx", "steps", "publish", "consume"} <= set(summary["seconds"])
+    # the sweep went to the head node as ONE job array, an element per point
+    sim = summary["steps"]["sim"]["points"]
+    (array_id,) = {p["job_id"].split("_")[0] for p in sim}
+    assert sorted(p["job_id"] for p in sim) == [f"{array_id}_{i}" for i in range(len(ALPHAS))]
     # the fan-in read both points' fields on the file system, through the links the job made
     prefix = f"runs/{run_id}/"
     assert _get(world, prefix + "total/total.txt").decode() == expected_total()
@@ -236,8 +240,9 @@ def test_a_staged_sweep_and_fan_in_publish_verified_outputs_then_the_manifest(
     assert link.resolve() == world.mount / "results" / "runs" / run_id / "sim" / "alpha=0.1" \
         / "field.npy"
     assert (on_fsx / "sim" / "alpha=0.2" / "out").is_dir()
-    script = (on_fsx / "total.sbatch").read_text()  # this machine's paths are not sent
-    assert "export PATH=" not in script and "export PYTHONPATH=" not in script
+    for name in ("sim.sbatch", "total.sbatch"):  # this machine's paths are not sent
+        script = (on_fsx / name).read_text()
+        assert "export PATH=" not in script and "export PYTHONPATH=" not in script
     # nothing but job logs and records went through this machine's scratch
     local = tmp_path / "local" / run_id
     assert not list(local.rglob("*.npy")) and not list(local.rglob("total.txt"))
@@ -439,3 +444,30 @@ def test_a_reclaimed_staged_point_resumes_from_its_checkpoints_on_the_mount(
     assert "restarting from step" in log, log
     field = np.load(io.BytesIO(_get(world, f"runs/{run_id}/sim/field.npy")))
     assert np.array_equal(field, reference_solution(heat_hotspots(192, 192), 800, 0.2))
+
+
+def test_a_local_spec_whose_steps_all_run_on_the_cluster_stages_through_fsx(
+        aws, local_slurm, prefect_api, tmp_path, monkeypatch):
+    """``backend: local`` at the top, every step ``backend: parallelcluster``: the checks and
+    the run look at each step's backend, so it stages through FSx like a parallelcluster
+    spec (before, it ran the cluster's steps as if this machine's scratch were mounted)."""
+    world = steps_world(aws, tmp_path)
+    _edit(world, sim={"backend": "parallelcluster"}, total={"backend": "parallelcluster"},
+          spec={"backend": "local"})
+    spec = load_spec(world.spec_path)
+    assert spec.backend == "local" and uses_fsx(spec)
+    run_id = "steps-fsx-mixed"
+    tasks = [(IMPORT, "SUCCEEDED")] + [(EXPORT, "SUCCEEDED")] * 3
+    with fsx_stub(world, run_id, tasks) as client:
+        summary = run_flow(world, local_slurm, client, run_id, prefect_api, monkeypatch,
+                           tmp_path)
+    assert summary["state"] == "succeeded" and summary["points"] == {"total": 3, "failed": 0}
+    assert client.seen[0][0] == IMPORT
+    exported = [p for k, ps in client.seen[1:] for p in ps if k == EXPORT]
+    assert sorted(exported) == sorted([f"/results/runs/{run_id}/sim/alpha={a}"
+                                       for a in ALPHAS] + [f"/results/runs/{run_id}/total"])
+    assert all(p["backend"] == "parallelcluster" for p in _points(summary).values())
+    assert _get(world, f"runs/{run_id}/total/total.txt").decode() == expected_total()
+    # the points worked on the cluster's mount, not in this machine's scratch
+    assert (Path(world.remote_root) / run_id / "sim" / "alpha=0.2" / "out").is_dir()
+    assert not list((tmp_path / "local" / run_id).rglob("*.npy"))

@@ -87,3 +87,52 @@ def test_aws_real_without_credentials_is_refused_before_prefect(tmp_path):
     assert "Traceback" not in proc.stderr and "prefect" not in proc.stderr.lower()
     assert not (tmp_path / ".clusterflow").exists()
 
+
+
+def _one_step_on_the_cluster(aws: AwsTarget, tmp_path: Path, **spec: Any) -> Path:
+    """A local spec whose sweep step alone runs on parallelcluster, clusterflow elsewhere
+    (scratch_dir is not the cluster's remote_root)."""
+    from tests.flows.test_fsx_steps import steps_world
+
+    world = steps_world(aws, tmp_path)
+    raw = yaml.safe_load(world.spec_path.read_text())
+    raw["backend"] = "local"
+    raw["steps"][0]["backend"] = "parallelcluster"
+    raw.update(spec)
+    world.spec_path.write_text(yaml.safe_dump(raw))
+    return world.spec_path
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    # it could stage through FSx, but the fan-in would run on this machine, without the files
+    ({}, ["steps.total (backend: local at the top of the spec): a run staged through the "
+          "cluster's FSx runs every step on parallelcluster", "set backend: parallelcluster "
+          "for this step", "scratch_dir equal to parallelcluster.remote_root"]),
+    # the results bucket is under none of the file system's links: it cannot stage at all
+    ({"results_bucket": "unlinked-results"},
+     ["steps.sim run(s) on parallelcluster, but scratch_dir", "is not the cluster's shared "
+      "storage parallelcluster.remote_root", "cannot stage through FSx", "unlinked-results"]),
+    # no parallelcluster: section at all
+    ({"parallelcluster": None},
+     ["steps.sim.backend 'parallelcluster' needs a 'parallelcluster:' section"]),
+])
+def test_one_step_on_parallelcluster_is_checked_like_a_parallelcluster_spec(
+        aws, tmp_path, change, expected):
+    spec = _one_step_on_the_cluster(aws, tmp_path)
+    raw = yaml.safe_load(spec.read_text())
+    if "results_bucket" in change:
+        raw["storage"]["results_bucket"] = change["results_bucket"]
+    elif "parallelcluster" in change:
+        del raw["parallelcluster"]
+    spec.write_text(yaml.safe_dump(raw))
+    before = _created(aws)
+    proc = run_cli(["run", "--spec", str(spec)], _env(tmp_path, AWS_ENDPOINT_URL=aws.endpoint_url),
+                   tmp_path, timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: pipeline spec ") and len(lines) <= 2  # one problem
+    assert _created(aws) == before
+    assert not (tmp_path / ".clusterflow").exists() and not (tmp_path / "local").exists()

@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Protocol
 
 
+@dataclass(frozen=True)
+class ArrayItem:
+    """One element of a sweep's job array (Slurm, ParallelCluster): its index, command line,
+    working dir and environment."""
+
+    index: int
+    command: list[str]
+    workdir: Path
+    env: dict[str, str]
+
+
 class Launcher(Protocol):
     def command(self, ranks: int, argv: list[str]) -> list[str]: ...
 

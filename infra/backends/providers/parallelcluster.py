@@ -19,10 +19,17 @@ from __future__ import annotations
 import base64
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
+from infra.backends.providers.base import (
+    ArrayItem,
+    ExecutionProvider,
+    JobHandle,
+    JobState,
+    JobStatus,
+)
 from infra.backends.providers.remote import append, mirror_paths, remote_argv
 from infra.backends.providers.spot import Interruptions, parse_attempts, requeue_guard
 from infra.backends.remote_shell import RemoteCommandError, RemoteShell, run_checked
@@ -67,6 +74,7 @@ class RemoteJob:
     directory: str
     name: str
     offsets: dict[str, int] = field(default_factory=lambda: {"out": 0, "err": 0})
+    mirrored: bool = True  # False: the local "mirror" is the job's own file (shared mount)
 
 
 def parse_scontrol(text: str) -> dict[str, str]:
@@ -156,29 +164,41 @@ class ParallelClusterProvider(ExecutionProvider):
             return command
         return f"sudo -iu {safe_arg(self.run_as, 'run_as')} bash -c {shlex.quote(command)}"
 
-    def batch_script(self, command: list[str], *, ranks: int, job_name: str, directory: str,
-                     env: dict[str, str] | None) -> str:
-        q = shlex.quote
+    def _directives(self, *, ranks: int, job_name: str, directory: str, stem: str,
+                    array: str | None = None) -> list[str]:
+        """The ``#SBATCH`` lines (nothing in them can be quoted: each value is checked)."""
         for what, value in (("job name", job_name), ("directory", directory)):
             if not (_SAFE_NAME if what == "job name" else _SAFE_ROOT).fullmatch(value):
                 raise UnsafeValue(f"{what} {value!r} cannot go into a #SBATCH line")
         if self.partition and not _SAFE_NAME.fullmatch(self.partition):
             raise UnsafeValue(f"partition {self.partition!r} cannot go into a #SBATCH line")
-        lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={ranks}",
-                 f"#SBATCH --output={directory}/{job_name}.out",
-                 f"#SBATCH --error={directory}/{job_name}.err",
-                 f"#SBATCH --chdir={directory}"]
+        lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --ntasks={ranks}"]
+        if array is not None:
+            lines.append(f"#SBATCH --array={array}")
+        lines += [f"#SBATCH --output={directory}/{stem}.out",
+                  f"#SBATCH --error={directory}/{stem}.err",
+                  f"#SBATCH --chdir={directory}"]
         if self.partition:
             lines.append(f"#SBATCH --partition={self.partition}")
         if self.requeue:  # append: a requeue would truncate what status() reads by offset
             lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
         lines += [f"#SBATCH {a}" for a in self.sbatch_args]
-        exitcode = f"{directory}/{job_name}.exitcode"
-        tmp = f"{exitcode}.tmp"
+        return lines
+
+    def _on_exit(self, stem: str) -> list[str]:
+        """The trap that leaves ``<stem>.exitcode`` on exit (``stem``: shell text, quoted),
+        which outlives Slurm's memory of the job."""
+        q = shlex.quote
+        exitcode, tmp = f"{stem}.exitcode", f"{stem}.exitcode.tmp"
         # The attempt goes with the code: a reclaimed attempt's file is not the result.
-        on_exit = (f'rc=$?; echo "$rc ${{SLURM_RESTART_COUNT:-0}}" > {q(tmp)} && '
-                   f"mv {q(tmp)} {q(exitcode)}")
-        lines.append(f"trap {q(on_exit)} EXIT")
+        on_exit = f'rc=$?; echo "$rc ${{SLURM_RESTART_COUNT:-0}}" > {tmp} && mv {tmp} {exitcode}'
+        return [f"trap {q(on_exit)} EXIT"]
+
+    def batch_script(self, command: list[str], *, ranks: int, job_name: str, directory: str,
+                     env: dict[str, str] | None) -> str:
+        lines = self._directives(ranks=ranks, job_name=job_name, directory=directory,
+                                 stem=job_name)
+        lines += self._on_exit(shlex.quote(f"{directory}/{job_name}"))
         if self.requeue:
             lines += requeue_guard(PurePosixPath(f"{directory}/{job_name}.attempts"),
                                    self.max_interruptions)
@@ -186,16 +206,43 @@ class ParallelClusterProvider(ExecutionProvider):
         lines.append(render_command(command))
         return "\n".join(lines) + "\n"
 
-    def submit_script(self, batch_script: str, *, directory: str, job_name: str) -> str:
+    def array_script(self, items: Sequence[ArrayItem], *, ranks: int, job_name: str,
+                     directory: str, max_parallel: int) -> str:
+        """ONE batch script for a sweep's job array: each element runs its own point's
+        command with its own env, picked by ``$SLURM_ARRAY_TASK_ID``, and leaves
+        ``<job>_<index>.{out,err,exitcode}`` as a single job leaves ``<job>.*``. Every
+        command and value is shell-quoted, so nothing from a spec can become code in it."""
+        indices = ",".join(str(int(i.index)) for i in items)
+        lines = self._directives(ranks=ranks, job_name=job_name, directory=directory,
+                                 stem=f"{job_name}_%a",
+                                 array=f"{indices}%{max(1, int(max_parallel))}")
+        stem = shlex.quote(f"{directory}/{job_name}_") + '"${SLURM_ARRAY_TASK_ID}"'
+        lines += self._on_exit(stem)
+        if self.requeue:
+            lines += requeue_guard(f"{directory}/{job_name}_", self.max_interruptions,
+                                   array_stem=True)
+        lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+        for item in items:
+            exports = "".join(f"{export_line(k, v)}; " for k, v in sorted(item.env.items()))
+            lines.append(f"  {int(item.index)}) {exports}{render_command(item.command)} ;;")
+        lines += ['  *) echo "clusterflow: no command for array index $SLURM_ARRAY_TASK_ID" >&2',
+                  "     exit 2 ;;", "esac"]
+        return "\n".join(lines) + "\n"
+
+    def submit_script(self, batch_script: str, *, directory: str, job_name: str,
+                      stems: Sequence[str] = ()) -> str:
+        """Write ``<job>.sbatch`` (as root through SSM) and submit it as ``run_as``; the
+        records of an earlier job of the same names (``stems``: the array's elements) go."""
         path = f"{directory}/{job_name}.sbatch"
         owner = (f"chown -R {shlex.quote(self.run_as)} {shlex.quote(directory)}"
                  if self.run_as else "true")
+        stale = [f"{directory}/{stem}.{ext}" for stem in (stems or [job_name])
+                 for ext in ("exitcode", "attempts")]
         return "\n".join([
             "set -euo pipefail",
             SLURM_PATH,
             f"mkdir -p {shlex.quote(directory)}",
-            f"rm -f {shlex.quote(f'{directory}/{job_name}.exitcode')} "
-            f"{shlex.quote(f'{directory}/{job_name}.attempts')}",
+            f"rm -f {render_command(stale)}",
             # The delimiter never equals a line of the script, so the script cannot end the
             # heredoc early and run its remaining lines here, as root.
             *heredoc(path, batch_script, "CLUSTERFLOW_SBATCH"),
@@ -203,24 +250,50 @@ class ParallelClusterProvider(ExecutionProvider):
             self._as_user(f"{SLURM_PATH}; sbatch --parsable {shlex.quote(path)}"),
         ])
 
-    def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
-               env: dict[str, str] | None = None) -> JobHandle:
+    def _directory(self, job_name: str, workdir: Path) -> str:
         if not _SAFE_NAME.fullmatch(job_name) or not _SAFE_NAME.fullmatch(workdir.name):
             raise ValueError(f"job name {job_name!r} and run directory {workdir.name!r} must be "
                              "letters, digits, '.', '_' or '-'")
-        directory = f"{self.remote_root.rstrip('/')}/{workdir.name}"
-        script = self.batch_script(command, ranks=ranks, job_name=job_name,
-                                   directory=directory, env=env)
-        result = run_checked(self.shell, self.submit_script(script, directory=directory,
-                                                            job_name=job_name),
-                             what=f"sbatch {job_name}")
+        return f"{self.remote_root.rstrip('/')}/{workdir.name}"
+
+    def _sbatch(self, script: str, what: str) -> str:
+        result = run_checked(self.shell, script, what=what)
         lines = [ln for ln in result.stdout.strip().splitlines() if ln.strip()]
         job_id = lines[-1].split(";")[0].strip() if lines else ""
         if not job_id.isdigit():
             raise RemoteCommandError(f"sbatch did not return a job id: {result.stdout!r}")
-        out, err = mirror_paths(workdir, job_name)
-        self._jobs[job_id] = RemoteJob(job_id, directory, job_name)
+        return job_id
+
+    def _track(self, job_id: str, directory: str, name: str, workdir: Path) -> JobHandle:
+        out, err = mirror_paths(workdir, name)
+        # Where clusterflow runs on the cluster's mount (scratch_dir is remote_root) the
+        # mirror IS the job's own file: read it by offset, never append it to itself.
+        mirrored = Path(directory).resolve() != workdir.resolve()
+        self._jobs[job_id] = RemoteJob(job_id, directory, name, mirrored=mirrored)
         return JobHandle(job_id=job_id, stdout=out, stderr=err)
+
+    def submit(self, command: list[str], *, ranks: int, job_name: str, workdir: Path,
+               env: dict[str, str] | None = None) -> JobHandle:
+        directory = self._directory(job_name, workdir)
+        script = self.batch_script(command, ranks=ranks, job_name=job_name,
+                                   directory=directory, env=env)
+        job_id = self._sbatch(self.submit_script(script, directory=directory,
+                                                 job_name=job_name), f"sbatch {job_name}")
+        return self._track(job_id, directory, job_name, workdir)
+
+    def submit_array(self, items: Sequence[ArrayItem], *, ranks: int, job_name: str,
+                     workdir: Path, max_parallel: int) -> list[JobHandle]:
+        """Submit ``items`` as ONE Slurm job array (``--array=i,j,k%max_parallel``) on the
+        head node; a handle per item (``ARRAYID_INDEX``), each polled like a single job."""
+        directory = self._directory(job_name, workdir)
+        script = self.array_script(items, ranks=ranks, job_name=job_name,
+                                   directory=directory, max_parallel=max_parallel)
+        stems = [f"{job_name}_{int(i.index)}" for i in items]
+        array_id = self._sbatch(self.submit_script(script, directory=directory,
+                                                   job_name=job_name, stems=stems),
+                                f"sbatch --array {job_name}")
+        return [self._track(f"{array_id}_{int(i.index)}", directory, stem, workdir)
+                for i, stem in zip(items, stems, strict=True)]
 
     def status_script(self, job: RemoteJob) -> str:
         d, n = shlex.quote(job.directory), job.name
@@ -248,7 +321,8 @@ class ParallelClusterProvider(ExecutionProvider):
         parts = sections(result.stdout)
         for stream, path in (("out", job.stdout), ("err", job.stderr)):
             data = base64.b64decode(parts.get(stream, "").strip() or b"")
-            append(path, data)
+            if remote.mirrored:
+                append(path, data)
             remote.offsets[stream] += len(data)
         self._attempts[job.job_id] = parts.get("attempts", "")
         status = status_from(parts.get("exit", ""), parts.get("scontrol", ""))

@@ -21,12 +21,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from infra.backends.launchers import MpiexecLauncher, SrunLauncher
-from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
+from infra.backends.providers.base import (
+    ArrayItem,
+    ExecutionProvider,
+    JobHandle,
+    JobState,
+    JobStatus,
+)
 from infra.backends.providers.polling import ProviderUnavailable
 from infra.backends.providers.spot import (
     Interruptions,
@@ -64,16 +69,6 @@ _DOES_NOT_FIT = ("Requested node configuration is not available",
 WHOLE_ARRAY = "4294967294"
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                 "Connection refused", "Zero Bytes were transmitted")
-
-
-@dataclass(frozen=True)
-class ArrayItem:
-    """One element of a job array: its index, command line, working dir and environment."""
-
-    index: int
-    command: list[str]
-    workdir: Path
-    env: dict[str, str]
 
 
 class SlurmError(RuntimeError):

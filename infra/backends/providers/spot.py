@@ -45,10 +45,12 @@ def attempts_of(stdout: Path) -> Path:
     return stdout.with_suffix(".attempts")
 
 
-def requeue_guard(path: PurePath, max_interruptions: int, *, array_dir: bool = False) -> list[str]:
+def requeue_guard(path: PurePath | str, max_interruptions: int, *, array_dir: bool = False,
+                  array_stem: bool = False) -> list[str]:
     """Batch-script lines: record this attempt, stop past ``max_interruptions`` requeues.
 
-    With ``array_dir`` the record is ``<path>/<SLURM_ARRAY_TASK_ID>.attempts``: Slurm keeps
+    With ``array_dir`` the record is ``<path>/<SLURM_ARRAY_TASK_ID>.attempts`` (with
+    ``array_stem``: ``<path><SLURM_ARRAY_TASK_ID>.attempts``): Slurm keeps
     ``SLURM_RESTART_COUNT`` per array task (a requeued element becomes a job record of its
     own), so each sweep point is bounded and reported on its own.
     """
@@ -57,6 +59,8 @@ def requeue_guard(path: PurePath, max_interruptions: int, *, array_dir: bool = F
     quoted = render_command([str(path)])
     if array_dir:
         quoted += '/"${SLURM_ARRAY_TASK_ID}.attempts"'
+    elif array_stem:
+        quoted += '"${SLURM_ARRAY_TASK_ID}.attempts"'
     return [
         'n="${SLURM_RESTART_COUNT:-0}"',
         f'echo "$n $(date +%s.%N)" >> {quoted}',
