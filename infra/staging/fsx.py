@@ -280,12 +280,13 @@ class Fsx:
         bucket, _, prefix = report_uri[len("s3://"):].partition("/")
         s3 = self.aws.client("s3")
         short = task_id.removeprefix("task-")
-        try:
-            listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+        try:  # every page: the report path collects every task's reports over time
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])
+                    if short in o["Key"] and o["Key"].endswith(".csv")]
         except Exception:  # noqa: BLE001 - the report is a bonus; the task status is the error
             return []
-        keys = [o["Key"] for o in listing.get("Contents", [])
-                if short in o["Key"] and o["Key"].endswith(".csv")]
         rows: list[dict[str, str]] = []
         for key in keys:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode(errors="replace")

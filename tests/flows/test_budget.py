@@ -14,6 +14,7 @@ from flows.spec import load_spec
 from flows.watchdog import BudgetExceeded, Watchdog
 from infra.backends.providers.base import JobState
 from infra.backends.providers.local import LocalProvider
+from tests.aws_lists import rule_names, topic_arns
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,11 +33,11 @@ def _write(tmp_path: Path, tag: str, body: dict) -> Path:
 def _nothing_named(aws, tag: str) -> None:
     buckets = [b["Name"] for b in aws.client("s3").list_buckets().get("Buckets", [])]
     assert not [b for b in buckets if b.startswith(f"budget-{tag}")]
-    topics = [t["TopicArn"] for t in aws.client("sns").list_topics()["Topics"]]
+    topics = topic_arns(aws)
     assert not [t for t in topics if f"budget-{tag}" in t]
     queues = aws.client("sqs").list_queues(QueueNamePrefix=f"budget-{tag}").get("QueueUrls", [])
     assert queues == []
-    rules = aws.client("events").list_rules(NamePrefix=f"budget-{tag}")["Rules"]
+    rules = rule_names(aws, f"budget-{tag}")
     assert rules == []
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.aws_lists import topic_arns
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ def _env(cli_env: dict[str, str], aws) -> dict[str, str]:
 def _created(aws, tag: str) -> list[str]:
     names = [b["Name"] for b in aws.client("s3").list_buckets().get("Buckets", [])]
     names += aws.client("sqs").list_queues(QueueNamePrefix=f"dry-{tag}").get("QueueUrls", [])
-    names += [t["TopicArn"] for t in aws.client("sns").list_topics()["Topics"]]
+    names += topic_arns(aws)
     return [n for n in names if f"dry-{tag}" in n]
 
 

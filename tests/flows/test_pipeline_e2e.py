@@ -15,6 +15,7 @@ from infra.aws.clients import AwsTarget
 from infra.staging.objects import sha256_file
 from mpi_jobs.heat import reference_solution
 from mpi_jobs.initial_conditions import heat_hotspots
+from tests.aws_lists import rule_names
 from tests.conftest import run_cli
 
 
@@ -64,7 +65,7 @@ def test_pipeline_end_to_end_against_endpoint(aws, cli_env, tmp_path):
     for r in results:
         assert {q: v["events_received"] for q, v in r["fanout"]["queues"].items()} == {
             "postprocess": 1, "audit": 1}
-    sqs, sns, events = aws.client("sqs"), aws.client("sns"), aws.client("events")
+    sqs, sns = aws.client("sqs"), aws.client("sns")
     for q in ("postprocess", "audit"):
         url = sqs.get_queue_url(QueueName=q)["QueueUrl"]
         attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
@@ -72,7 +73,7 @@ def test_pipeline_end_to_end_against_endpoint(aws, cli_env, tmp_path):
         assert json.loads(attrs["RedrivePolicy"])["deadLetterTargetArn"].endswith(f"{q}-dlq")
     subs = sns.list_subscriptions_by_topic(TopicArn=first["fanout"]["topic"])["Subscriptions"]
     assert len(subs) == 2
-    rules = [r["Name"] for r in events.list_rules()["Rules"]]
+    rules = rule_names(aws)
     assert rules.count("clusterflow-results-e2e-results-manifest-json") == 1
     listed = s3.list_objects_v2(Bucket="e2e-results", Prefix="runs/")["Contents"]
     assert len(listed) == 4  # field.npy + manifest.json, per run

@@ -12,6 +12,7 @@ from flows.budget import run_estimate
 from flows.planning.resources import inventory
 from flows.spec import load_spec
 from infra.clusters.prices import PriceError, load_prices
+from tests.aws_lists import topic_arns
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_inventory_reports_reuse_truthfully_against_the_endpoint(aws, tmp_path):
     assert got[("sns topic", "plan-reuse-topic")] == "create"
     assert got[("sqs queue", "plan-reuse-q")] == "reuse"
     assert got[("sqs queue", "plan-reuse-q-dlq")] == "create"
-    topics = [t["TopicArn"] for t in aws.client("sns").list_topics()["Topics"]]
+    topics = topic_arns(aws)
     assert not any(t.endswith(":plan-reuse-topic") for t in topics)  # the plan created nothing
     offline = inventory(spec, None, "not checked (--offline)")
     assert {r.action for r in offline} == {"unchecked"}
