@@ -31,6 +31,18 @@ def parse_cidr(text: str) -> Network:
     return net
 
 
+def canonical(text: str | None) -> str | None:
+    """A CIDR as Python writes it, for comparing with what AWS hands back: services return a
+    block in the form they stored (``2400:6500:03a8:6900::/56``, a leading zero kept), so the
+    same network can be two strings. Text that is not a CIDR comes back as it is."""
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        return text
+
+
 def parse_ttl(text: str | None) -> int | None:
     """``90s``/``30m``/``24h``/``7d`` -> seconds; ``never``/``none`` -> no expiry."""
     if text is None or text.strip().lower() in ("never", "none", "0"):

@@ -15,7 +15,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from infra.guard.cidr import Network
+from infra.guard.cidr import Network, canonical
 from infra.guard.config import NaclSettings
 
 DEFAULT_RULE = 32767  # the '*' rule AWS shows last in every NACL
@@ -59,7 +59,8 @@ def acls_for_subnets(ec2: Any, subnets: list[str]) -> dict[str, list[str]]:
 
 
 def _entry_cidr(entry: dict[str, Any]) -> str | None:
-    return entry.get("CidrBlock") or entry.get("Ipv6CidrBlock")
+    """The entry's block in canonical form (:func:`infra.guard.cidr.canonical`)."""
+    return canonical(entry.get("CidrBlock") or entry.get("Ipv6CidrBlock"))
 
 
 def _entries(ec2: Any, acl_id: str, egress: bool) -> list[dict[str, Any]]:
@@ -126,7 +127,7 @@ def remove(ec2: Any, placement: dict[str, Any], cidr: str) -> str:
     entry = next((e for e in entries if e["RuleNumber"] == rule), None)
     if entry is None:
         return f"{acl_id} rule {rule} was already removed"
-    if entry["RuleAction"] != "deny" or _entry_cidr(entry) != cidr:
+    if entry["RuleAction"] != "deny" or _entry_cidr(entry) != canonical(cidr):
         return (f"{acl_id} rule {rule} now holds {entry['RuleAction']} "
                 f"{_entry_cidr(entry)}, not the guard's deny of {cidr}; left alone")
     ec2.delete_network_acl_entry(NetworkAclId=acl_id, RuleNumber=rule, Egress=egress)

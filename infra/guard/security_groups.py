@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from infra.guard.cidr import parse_cidr
+from infra.guard.cidr import canonical, parse_cidr
 
 WORLD = {4: "0.0.0.0/0", 6: "::/0"}
 
@@ -50,9 +50,9 @@ def audit(ec2: Any, groups: list[str], ports: list[int]) -> list[OpenRule]:
             if not hit:
                 continue
             worlds = [(r["CidrIp"], r.get("Description")) for r in perm.get("IpRanges", [])
-                      if r["CidrIp"] == WORLD[4]]
+                      if canonical(r["CidrIp"]) == WORLD[4]]
             worlds += [(r["CidrIpv6"], r.get("Description")) for r in perm.get("Ipv6Ranges", [])
-                       if r["CidrIpv6"] == WORLD[6]]
+                       if canonical(r["CidrIpv6"]) == WORLD[6]]
             for cidr, desc in worlds:
                 found.append(OpenRule(sg["GroupId"], sg.get("GroupName", ""),
                                       perm["IpProtocol"], perm.get("FromPort"),

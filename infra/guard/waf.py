@@ -23,7 +23,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from infra.aws.clients import AwsTarget
-from infra.guard.cidr import Network
+from infra.guard.cidr import Network, canonical
 from infra.guard.config import GuardConfig, WebAclRef
 
 CLOUDFRONT_REGION = "us-east-1"
@@ -161,10 +161,12 @@ class Waf:
         for _ in range(attempts):
             got = waf.get_ip_set(Name=summary["Name"], Scope=scope, Id=summary["Id"])
             addresses = list(got["IPSet"]["Addresses"])
-            present = str(net) in addresses
+            # WAF hands addresses back as it stored them: compare canonical forms
+            present = any(canonical(a) == str(net) for a in addresses)
             if present == add:
                 return False
-            addresses = [*addresses, str(net)] if add else [a for a in addresses if a != str(net)]
+            addresses = ([*addresses, str(net)] if add
+                         else [a for a in addresses if canonical(a) != str(net)])
             try:
                 waf.update_ip_set(Name=summary["Name"], Scope=scope, Id=summary["Id"],
                                   Addresses=addresses, LockToken=got["LockToken"])
