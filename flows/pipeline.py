@@ -28,7 +28,7 @@ from flows import phase_clock
 from flows.artifacts import publish_run_artifacts
 from flows.backends import open_backend, requeues, slurm_provider
 from flows.budget import budget_watch, check_budget
-from flows.errors import MpiJobFailed
+from flows.errors import KernelNeverStarted, MpiJobFailed, retry_condition
 from flows.fsx_checks import uses_batch_stager, uses_fsx
 from flows.joblog import failure_lines, forward
 from flows.prefect_flow import flow
@@ -41,6 +41,7 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.backends.providers.spot import job_interruptions
+from infra.backends.srun_guard import NOT_LAUNCHED_MARK
 from infra.staging.objects import IntegrityError, Transferred, download, exists, upload
 from infra.telemetry.job import telemetry_env
 
@@ -169,10 +170,16 @@ def mpi_run(spec: PipelineSpec, aws: AwsTarget, input_path: Path, input_sha256: 
             provider.cancel(job)  # a cancelled flow must not leave ranks running
             raise
     if status.state is not JobState.COMPLETED:
-        raise MpiJobFailed(
+        err = job.stderr.read_text(errors="replace")
+        raise (KernelNeverStarted if NOT_LAUNCHED_MARK in err else MpiJobFailed)(
             f"{info.name} on {spec.ranks} ranks failed ({status.message}): "
-            f"{failure_lines(job.stderr.read_text(errors='replace'))}"
+            f"{failure_lines(err)}"
         )
+    if not (out_dir / MANIFEST).is_file():  # the kernel's last act: its ranks did not all run
+        raise MpiJobFailed(
+            f"{info.name} on {spec.ranks} ranks ended with exit code 0 but wrote no "
+            f"{MANIFEST}, so its ranks did not run to the end: "
+            f"{failure_lines(job.stderr.read_text(errors='replace')) or 'nothing on stderr'}")
     spot = job_interruptions(provider, job) or {"interruptions": 0, "seconds_lost": 0.0}
     return {"run_id": run_id, "manifest": json.loads((out_dir / MANIFEST).read_text()),
             "spot": spot}
@@ -342,7 +349,8 @@ def hpc_pipeline(spec_path: str | None = None, ranks: int | None = None,
                 spec = grid_from_input(spec, staged.path)
             # Only a reusable result needs its record stored.
             run = (mpi_run if spec.reuse_result else mpi_run_uncached).with_options(
-                retries=spec.kernel.retries)
+                retries=spec.kernel.retries + 1,
+                retry_condition_fn=retry_condition(spec.kernel.retries))
             record = timed("mpi_run", run, spec, aws, staged.path, staged.sha256, run_dir, run_id)
             manifest, computed_by = record["manifest"], record["run_id"]
             if computed_by != run_id:  # a cached record: the outputs are an earlier run's

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.backends import requeues
+from flows.errors import RanksNeverStarted
 from flows.joblog import failure_lines, forward
 from flows.steps.graph import Plan, Point
 from flows.steps.inputs import (
@@ -34,6 +35,7 @@ from infra.backends.launchers import python_module
 from infra.backends.providers.base import ExecutionProvider, JobHandle, JobState, JobStatus
 from infra.backends.providers.polling import Backoff, wait
 from infra.backends.providers.spot import job_interruptions
+from infra.backends.srun_guard import NOT_LAUNCHED_MARK
 from infra.staging.objects import IntegrityError, download, upload
 from infra.staging.outputs import collect
 from infra.telemetry.job import telemetry_env
@@ -47,6 +49,19 @@ RUN_MANIFEST = "manifest.json"
 
 class PointFailed(RuntimeError):
     """A point's job failed, timed out, or was cancelled; the message says which and why."""
+
+
+class NotLaunched(PointFailed, RanksNeverStarted):
+    """The point's ranks never started (srun's tasks failed to launch): nothing ran, so the
+    point is run once more even without ``retries`` (flows.errors.retry_condition)."""
+
+
+def job_failed(task_name: str, ranks: int, status: JobStatus, job: JobHandle) -> PointFailed:
+    """The exception for a point whose job did not complete, with the log's last lines."""
+    err = job.stderr.read_text(errors="replace") if job.stderr.is_file() else ""
+    cls = NotLaunched if NOT_LAUNCHED_MARK in err else PointFailed
+    return cls(f"{task_name} on {ranks} rank(s) {status.state.value} ({status.message}): "
+               f"{_tail(job.stderr) or _tail(job.stdout)}")
 
 
 class StepRun:
@@ -249,8 +264,7 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
     if spot and spot["interruptions"]:  # requeues after a reclaim, and the compute they lost
         attempt["spot"] = spot
     if status.state is not JobState.COMPLETED:
-        raise PointFailed(f"{point.task_name} on {ranks} rank(s) {status.state.value} "
-                          f"({status.message}): {_tail(job.stderr) or _tail(job.stdout)}")
+        raise job_failed(point.task_name, ranks, status, job)
     record = {"step": point.step, "label": point.label, "params": point.params,
               "state": "completed", "backend": backend, "job_id": job.job_id,
               "ranks": ranks, "seconds": attempt["seconds"], "computed_by": run.run_id,
@@ -260,6 +274,8 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
     if "spot" in attempt:
         record["spot"] = attempt["spot"]
     own = out / RUN_MANIFEST
+    if step.uses and not own.is_file():
+        raise PointFailed(not_written(point.task_name, step.uses, job))
     if own.is_file():
         try:
             record["kernel_manifest"] = json.loads(own.read_text())
@@ -270,6 +286,15 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
                           f"{', '.join(step.outputs)} under {out}")
     publish_point(run, point, out, record)
     return record
+
+
+def not_written(task_name: str, kernel: str, job: JobHandle) -> str:
+    """Why a job that "completed" without its kernel's manifest is a failure: every bundled
+    kernel writes one as its last act, so its ranks did not all run to the end (a launcher
+    that exits 0 when its tasks never started, a rank killed after the others finished)."""
+    return (f"{task_name}: the job ended with exit code 0 but {kernel} wrote no "
+            f"{RUN_MANIFEST}, so its ranks did not run to the end: "
+            f"{_tail(job.stderr) or _tail(job.stdout) or 'nothing on stderr or stdout'}")
 
 
 def _submit(run: StepRun, provider: ExecutionProvider, step: StepSpec, point: Point,

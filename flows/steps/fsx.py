@@ -45,9 +45,10 @@ from flows.steps.execute import (
     PointFailed,
     StepRun,
     _submit,
-    _tail,
     _values,
     _wait,
+    job_failed,
+    not_written,
     publish_record,
 )
 from flows.steps.graph import Plan, Point
@@ -313,9 +314,10 @@ def execute_point_fsx(run: StepRun, fsx: StepsFsx, point: Point,
     if spot and spot["interruptions"]:
         attempt["spot"] = spot
     if status.state is not JobState.COMPLETED:
-        raise PointFailed(f"{point.task_name} on {ranks} rank(s) {status.state.value} "
-                          f"({status.message}): {_tail(job.stderr) or _tail(job.stdout)}")
+        raise job_failed(point.task_name, ranks, status, job)
     files, kernel_manifest, exported = fsx.publish(run, point)
+    if step.uses and not isinstance(kernel_manifest, dict):
+        raise PointFailed(not_written(point.task_name, step.uses, job))
     record = {"step": point.step, "label": point.label, "params": point.params,
               "state": "completed", "backend": backend, "job_id": job.job_id,
               "ranks": ranks, "seconds": attempt["seconds"], "computed_by": run.run_id,

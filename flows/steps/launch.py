@@ -69,7 +69,9 @@ def wrap(step: StepSpec, provider: ExecutionProvider, backend: str, ranks: int,
         extra = ["--oversubscribe"] if backend == "local" and _is_open_mpi(launcher) else []
         return [launcher.mpiexec, "-n", str(ranks), *extra, *launcher.args, *argv]
     if launcher == "srun":
-        return SrunLauncher().command(ranks, argv)
+        # On ParallelCluster the batch script's exit trap does the guard's work
+        # (infra.backends.providers.parallelcluster): this machine's guard file is not there.
+        return SrunLauncher(guard=backend != "parallelcluster").command(ranks, argv)
     if launcher == "mpiexec" and (backend != "local" or getattr(provider, "allocation", None)):
         # Also inside a Slurm allocation (a flow run of the Slurm pool), where the default is
         # srun: the spec's explicit choice wins.

@@ -23,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from flows.errors import retry_condition
 from flows.steps.execute import PointFailed, StepRun, execute_point, reuse_point
 from flows.steps.graph import Point
 from flows.steps.inputs import InputError
@@ -161,7 +162,10 @@ class GraphScheduler:
             options |= {"cache_key_fn": point_cache_key, "persist_result": True}
         else:
             options |= {"cache_policy": NO_CACHE, "persist_result": False}
-        return point_task.with_options(task_run_name=point.task_name, retries=step.retries,
+        # One run more than the spec's retries, spent only when the ranks never started.
+        return point_task.with_options(task_run_name=point.task_name,
+                                       retries=step.retries + 1,
+                                       retry_condition_fn=retry_condition(step.retries),
                                        **options)
 
     def _finish(self, point: Point, result: dict[str, Any]) -> None:

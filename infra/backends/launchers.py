@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+SRUN_GUARD = Path(__file__).resolve().parent / "srun_guard.py"
+
 
 class LauncherError(RuntimeError):
     """The MPI launcher cannot be found or used."""
@@ -59,17 +61,21 @@ class SrunLauncher:
     (``pmi2``/``none`` would start every rank as its own size-1 job); the step is then a
     first-class Slurm object: scancel, accounting and time limits apply to every rank.
     ``--kill-on-bad-exit`` takes the whole step down when one rank dies without MPI_Abort,
-    so its neighbours do not wait in a halo exchange until the time limit.
+    so its neighbours do not wait in a halo exchange until the time limit. ``guard`` runs srun
+    under :mod:`infra.backends.srun_guard`, because srun exits 0 when its tasks fail to launch.
     """
 
     mpi: str = "pmix"
     kill_on_bad_exit: bool = True
     extra_args: tuple[str, ...] = ()
+    guard: bool = True
 
     def command(self, ranks: int, argv: list[str]) -> list[str]:
         cmd = ["srun", f"--mpi={self.mpi}", "-n", str(ranks)]
         if self.kill_on_bad_exit:
             cmd.append("--kill-on-bad-exit=1")
+        if self.guard:
+            cmd = [sys.executable, str(SRUN_GUARD), *cmd]
         return [*cmd, *self.extra_args, *argv]
 
 

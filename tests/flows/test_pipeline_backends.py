@@ -189,3 +189,22 @@ def test_reuse_result_skips_the_kernel_for_the_same_input_and_parameters(aws, cl
     spec.write_text(yaml.safe_dump(raw))
     fourth = _run(spec, cli_env, tmp_path)
     assert fourth["computed_by"] == fourth["run_id"]
+
+
+def test_a_kernel_whose_ranks_never_launch_runs_once_more_then_fails(aws, cli_env, tmp_path,
+                                                                     local_slurm):
+    # sbatch hands the caller's environment to the job, so SLURM_STDOUTMODE reaches the srun
+    # inside it: its tasks cannot open their output and never start; srun exits 0. The guard
+    # fails the job (126), the run tries once more (nothing ran) and then fails saying so.
+    params = {"nx": 16, "ny": 16, "steps": 2, "alpha": 0.2}
+    spec = _spec(tmp_path, "neverup", {"name": "heat", "parameters": params},
+                 slurm={"overcommit": True})
+    cli_env.update(slurm_env(local_slurm.layout.root), AWS_ENDPOINT_URL=aws.endpoint_url,
+                   SLURM_STDOUTMODE=str(tmp_path / "no-such-dir" / "o%t"))
+    proc = run_cli(["run", "--spec", str(spec), "--backend", "slurm", "--ranks", "2"],
+                   cli_env, tmp_path, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "srun exited 0 but 2 task launch(es) failed" in proc.stderr
+    assert "Retry 1/1" in proc.stderr  # the one run more, and no other
+    assert "Retry 2/" not in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error:")[-1]

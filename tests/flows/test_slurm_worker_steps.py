@@ -22,6 +22,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.backends import open_backend
 from flows.spec import load_spec, step_plan
 from flows.steps.launch import wrap
+from infra.backends.launchers import SRUN_GUARD
 from infra.backends.providers.allocation import AllocationProvider, current_allocation
 from infra.clusters.slurm_local import LocalSlurm
 from tests.conftest import REPO
@@ -94,8 +95,9 @@ def test_inside_an_allocation_steps_default_to_srun_and_an_explicit_launcher_win
         step = step_plan(spec, tmp_path / "x.yaml").steps["ranks"]
         with open_backend(spec, aws, _Quiet()) as provider:
             assert provider.label == "slurm-step" and provider.allocation == "4242"
-            assert wrap(step, provider, backend, 2, argv)[:4] == ["srun", "--mpi=pmix", "-n",
-                                                                  "2"]
+            # srun under the launch-failure guard (infra.backends.srun_guard)
+            assert wrap(step, provider, backend, 2, argv)[1:6] == [
+                str(SRUN_GUARD), "srun", "--mpi=pmix", "-n", "2"]
             chosen = step.model_copy(update={"launcher": "mpiexec"})
             assert Path(wrap(chosen, provider, backend, 2, argv)[0]).name == "mpiexec"
             none = step.model_copy(update={"launcher": "none"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -243,3 +244,45 @@ def test_fail_fast_cancels_the_rest_of_the_sweep(aws, cli_env, tmp_path):
     assert states == {"x=3": "failed", "x=4": "skipped", "x=5": "skipped", "x=6": "skipped"}
     assert all("fail_fast" in p["error"] for k, p in _points(result, "sq").items()
                if k != "x=3")
+
+
+def test_a_kernel_step_whose_launcher_exits_0_without_running_it_fails(aws, cli_env, tmp_path):
+    # A launcher that reports success though no rank ran (srun after "task N launch failed",
+    # a site's mpirun wrapper that swallows errors): the bundled kernel's manifest is its last
+    # act, so its absence fails the point loudly instead of publishing an empty result.
+    liar = tmp_path / "mpirun"
+    liar.write_text("#!/bin/sh\necho 'mpirun: pretending' >&2\nexit 0\n")
+    liar.chmod(0o755)
+    steps = [{"name": "sim", "uses": "heat", "ranks": 2,
+              "parameters": {"nx": 16, "ny": 16, "steps": 2},
+              "launcher": {"mpiexec": str(liar)}}]
+    cli_env["AWS_ENDPOINT_URL"] = aws.endpoint_url
+    result = _run(_spec(tmp_path, "liar", steps), cli_env, tmp_path, expect=1)
+    (point,) = _points(result, "sim").values()
+    assert point["state"] == "failed"
+    assert "ended with exit code 0 but heat wrote no manifest.json" in point["error"]
+    assert "mpirun: pretending" in point["error"]
+
+
+def test_ranks_that_never_launch_are_run_once_more_then_fail_loudly(aws, cli_env, tmp_path,
+                                                                   local_slurm):
+    # SLURM_STDOUTMODE (srun's --output) names a folder that does not exist, so slurmd cannot
+    # start the step's tasks and srun exits 0 anyway. The guard fails the job (126); as
+    # nothing ran, the point runs once more although it asked for no retries, then fails
+    # with the reason, and Slurm's completion log holds exactly those two jobs.
+    cli_env.update(slurm_env(local_slurm.layout.root))
+    cli_env["AWS_ENDPOINT_URL"] = aws.endpoint_url
+    name = f"neverup{uuid.uuid4().hex[:8]}"  # its jobs, and no earlier session's
+    steps = [{"name": name, "backend": "slurm", "launcher": "srun", "ranks": 1,
+              "command": ["python", "-c", "print('ran')"],
+              "env": {"SLURM_STDOUTMODE": str(tmp_path / "no-such-dir" / "o%t")}}]
+    result = _run(_spec(tmp_path, "neverup", steps), cli_env, tmp_path, expect=1)
+    (point,) = _points(result, name).values()
+    assert point["state"] == "failed"
+    assert "srun exited 0 but 1 task launch(es) failed" in point["error"]
+    conf = (local_slurm.layout.root / "slurm.conf").read_text()
+    comp = Path(next(ln.split("=", 1)[1] for ln in conf.splitlines()
+                     if ln.startswith("JobCompLoc=")))
+    ran = [ln for ln in comp.read_text().splitlines() if f" Name={name} " in ln]
+    assert len(ran) == 2, ran
+    assert all("JobState=FAILED" in ln and "ExitCode=126:0" in ln for ln in ran), ran

@@ -42,6 +42,7 @@ from infra.backends.shell_safety import (
     render_command,
     safe_arg,
 )
+from infra.backends.srun_guard import EXIT_NOT_LAUNCHED, NOT_LAUNCHED_MARK
 from infra.clusters.parallelcluster import SLURM_PATH, sections
 
 CHUNK = 7000  # bytes per stream per poll: two base64 chunks stay under SSM's 24,000 chars
@@ -187,12 +188,23 @@ class ParallelClusterProvider(ExecutionProvider):
 
     def _on_exit(self, stem: str) -> list[str]:
         """The trap that leaves ``<stem>.exitcode`` on exit (``stem``: shell text, quoted),
-        which outlives Slurm's memory of the job."""
+        which outlives Slurm's memory of the job.
+
+        srun exits 0 when its tasks fail to launch (``srun: error: task N launch failed``);
+        the trap looks for those lines in what this attempt added to ``<stem>.err`` and then
+        ends the job with 126, as :mod:`infra.backends.srun_guard` does off the cluster.
+        """
         q = shlex.quote
-        exitcode, tmp = f"{stem}.exitcode", f"{stem}.exitcode.tmp"
+        exitcode, tmp, err = f"{stem}.exitcode", f"{stem}.exitcode.tmp", f"{stem}.err"
+        not_launched = (f"tail -c +$((cf_err0 + 1)) {err} 2>/dev/null | "
+                        f"grep -qE {q(r'^srun: error: task [0-9][0-9,-]* launch failed')}")
+        said = (f"{NOT_LAUNCHED_MARK} its tasks did not all launch; the step's ranks did not "
+                f"all run, so it ends with exit code {EXIT_NOT_LAUNCHED}")
         # The attempt goes with the code: a reclaimed attempt's file is not the result.
-        on_exit = f'rc=$?; echo "$rc ${{SLURM_RESTART_COUNT:-0}}" > {tmp} && mv {tmp} {exitcode}'
-        return [f"trap {q(on_exit)} EXIT"]
+        on_exit = (f'rc=$?; if [ "$rc" = 0 ] && {not_launched}; then echo {q(said)} >&2; '
+                   f'rc={EXIT_NOT_LAUNCHED}; fi; echo "$rc ${{SLURM_RESTART_COUNT:-0}}" > {tmp} && '
+                   f'mv {tmp} {exitcode}; exit "$rc"')
+        return [f"cf_err0=$(stat -c %s {err} 2>/dev/null || echo 0)", f"trap {q(on_exit)} EXIT"]
 
     def batch_script(self, command: list[str], *, ranks: int, job_name: str, directory: str,
                      env: dict[str, str] | None) -> str:

@@ -71,3 +71,46 @@ def test_the_submit_script_clears_every_elements_old_records(tmp_path: Path) -> 
     single = provider.submit_script("#!/bin/bash\n", directory="/fsx/cf/r1",
                                                          job_name="heat")
     assert "rm -f /fsx/cf/r1/heat.exitcode /fsx/cf/r1/heat.attempts" in single
+
+
+LAUNCH_FAILED = ("import sys; print('srun: error: task 1 launch failed: Unspecified error', "
+                 "file=sys.stderr)")
+
+
+def test_an_srun_that_exits_0_after_a_launch_failure_fails_the_job(tmp_path: Path) -> None:
+    # Slurm 22.05's srun exits 0 when its tasks never launch (see test_slurm.py); the exit
+    # trap reads what this attempt wrote to the .err file (Slurm points stderr there) and
+    # turns that 0 into 126, in the exit code file status() reads and in the job's own exit.
+    d = tmp_path / "run-1"
+    d.mkdir()
+    provider = ParallelClusterProvider(LocalShell(), remote_root=str(tmp_path))
+
+    def run(script: str, stem: str, index: int | None = None) -> int:
+        (d / "job.sbatch").write_text(script)
+        env = {"PATH": "/usr/bin:/bin"} | ({} if index is None else
+                                          {"SLURM_ARRAY_TASK_ID": str(index)})
+        with (d / f"{stem}.err").open("ab") as err:
+            return subprocess.run(["bash", str(d / "job.sbatch")], cwd=d, stderr=err,
+                                  stdout=subprocess.DEVNULL, env=env, timeout=60).returncode
+
+    bad = provider.batch_script([sys.executable, "-c", LAUNCH_FAILED], ranks=2,
+                                job_name="heat", directory=str(d), env=None)
+    assert run(bad, "heat") == 126
+    assert (d / "heat.exitcode").read_text().split() == ["126", "0"]
+    assert "srun exited 0 but its tasks did not all launch" in (d / "heat.err").read_text()
+    # A later attempt that runs (a requeue appends to the same .err) is judged on its own
+    ok = provider.batch_script([sys.executable, "-c", "pass"], ranks=2, job_name="heat",
+                               directory=str(d), env=None)
+    assert run(ok, "heat") == 0
+    assert (d / "heat.exitcode").read_text().split() == ["0", "0"]
+    # A command's own failure keeps its own code
+    three = provider.batch_script([sys.executable, "-c", LAUNCH_FAILED + "; sys.exit(3)"],
+                                  ranks=2, job_name="heat", directory=str(d), env=None)
+    assert run(three, "heat") == 3
+    # and each array element is judged by its own .err
+    items = [ArrayItem(0, [sys.executable, "-c", "pass"], tmp_path, {}),
+             ArrayItem(1, [sys.executable, "-c", LAUNCH_FAILED], tmp_path, {})]
+    array = provider.array_script(items, ranks=2, job_name="sim", directory=str(d),
+                                  max_parallel=2)
+    assert [run(array, f"sim_{i}", i) for i in (0, 1)] == [0, 126]
+    assert (d / "sim_1.exitcode").read_text().split() == ["126", "0"]

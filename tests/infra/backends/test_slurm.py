@@ -130,6 +130,26 @@ def test_stdout_and_stderr_land_in_the_handle_paths(provider: SlurmProvider,
     assert final is not None and final.state is JobState.COMPLETED and final.exit_code == 0
 
 
+def test_tasks_that_never_launch_fail_the_job_though_srun_exits_0(
+        provider: SlurmProvider, tmp_path: Path) -> None:
+    # slurmd cannot open the step's per-task output file, so no task starts: srun prints
+    # "task N launch failed" and exits 0 (Slurm 22.05). Unguarded, the job reads COMPLETED
+    # with nothing run; under the guard it fails with 126 and says why.
+    unlaunchable = ("--output", str(tmp_path / "no-such-dir" / "task-%t.out"))
+    outcomes = {}
+    for guard in (False, True):
+        launcher = SrunLauncher(extra_args=unlaunchable, guard=guard)
+        job, out, _ = _heat_job(provider, tmp_path, launcher, steps=10, name=f"g{int(guard)}")
+        outcomes[guard] = (wait(provider, job, timeout=JOB_TIMEOUT, backoff=FAST), job, out)
+    bare, _, out = outcomes[False]
+    assert bare.state is JobState.COMPLETED and not out.exists(), bare  # why the guard exists
+    guarded, job, out = outcomes[True]
+    assert guarded.state is JobState.FAILED and guarded.exit_code == 126, guarded
+    assert not out.exists()
+    err = job.stderr.read_text()
+    assert "task 0 launch failed" in err and "srun exited 0 but 2 task launch(es) failed" in err
+
+
 @pytest.mark.parametrize("launcher", [SrunLauncher(), MpiexecLauncher(oversubscribe=False)],
                          ids=["srun", "mpiexec"])
 def test_failing_rank_fails_the_job_with_its_message(provider: SlurmProvider, tmp_path: Path,
