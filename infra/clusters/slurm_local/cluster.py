@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.clusters.slurm_local.config import load_settings, node_line, render, save_settings
+from infra.clusters.slurm_local.config import (
+    load_settings,
+    node_line,
+    render,
+    render_mpi,
+    save_settings,
+)
 from infra.clusters.slurm_local.install import install, missing_commands, missing_packages
 from infra.clusters.slurm_local.layout import (
     DAEMONS,
@@ -240,12 +246,19 @@ class LocalSlurm:
             console.print(f"ports {moved[0]}/{moved[1]} are taken (another Slurm?); "
                           f"this one moves to {ctld}/{slurmd}")
 
-        conf = self.render(s)
-        changed = not lay.conf.exists() or lay.conf.read_text() != conf
+        conf, mpi = self.render(s), render_mpi(lay)
+        changed = any(not path.exists() or path.read_text() != text
+                      for path, text in ((lay.conf, conf), (lay.mpi_conf, mpi)))
         done: dict[str, Any] = {"started": [], "restarted": [], "config_changed": changed,
                                 "ports_moved_from": moved}
+        if self.pid("slurmd") is None:
+            # No step of this cluster can be using it: start from an empty one, so a job id
+            # reused after a wiped controller state cannot meet an old step's directory.
+            shutil.rmtree(lay.pmix_tmp, ignore_errors=True)
+        lay.pmix_tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         if changed:
             lay.conf.write_text(conf)
+            lay.mpi_conf.write_text(mpi)
             self._save_settings(s)
             for daemon in ("slurmd", "slurmctld"):
                 if self.stop_daemon(daemon):
@@ -300,9 +313,10 @@ class LocalSlurm:
         stopped = [d for d in reversed(DAEMONS) if self.stop_daemon(d)]
         if self.pid("munged") is None:
             shutil.rmtree(self.layout.munge_socket_dir, ignore_errors=True)
-        if self.pid("slurmd") is None and not self.layout.slurmd_spool.is_relative_to(
-                self.layout.root):
-            shutil.rmtree(self.layout.slurmd_spool, ignore_errors=True)
+        if self.pid("slurmd") is None:
+            shutil.rmtree(self.layout.pmix_tmp, ignore_errors=True)
+            if not self.layout.slurmd_spool.is_relative_to(self.layout.root):
+                shutil.rmtree(self.layout.slurmd_spool, ignore_errors=True)
         return stopped
 
     def status(self) -> dict[str, Any]:

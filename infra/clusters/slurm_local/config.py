@@ -48,6 +48,15 @@ def node_line() -> str:
     return line.strip()
 
 
+def render_mpi(lay: Layout) -> str:
+    """``mpi.conf``: the PMIx plugin's client directories under this cluster's own folder."""
+    line = f"PMIxCliTmpDirBase={lay.pmix_tmp}"
+    if control_char(line) is not None:
+        raise LocalSlurmError(f"mpi.conf line {line!r:.120} contains a control character")
+    return ("# Written by clusterflow (python -m infra.clusters.slurm_local up); "
+            "rewritten on every up.\n" + line + "\n")
+
+
 def render(lay: Layout, s: Settings, node_line: str) -> str:
     """The whole slurm.conf; ``node_line`` is `node_line()` (passed in so this stays pure)."""
     host = socket.gethostname().split(".")[0]

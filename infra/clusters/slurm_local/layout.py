@@ -117,6 +117,22 @@ class Layout:
         return Path("/tmp") / f"clusterflow-slurmd-{os.geteuid()}-{tag}"
 
     @property
+    def mpi_conf(self) -> Path:
+        """Slurm reads ``mpi.conf`` from the directory of ``slurm.conf``."""
+        return self.root / "mpi.conf"
+
+    @property
+    def pmix_tmp(self) -> Path:
+        """The PMIx plugin's client directories (``spmix_appdir_<uid>_<job>.<step>``), one
+        folder per cluster. Slurm's default is /tmp itself, where a directory left by one
+        cluster's job 2 (a step killed mid-launch) fails the launch of the next cluster's job
+        2 with "File exists" (``task N launch failed: Unspecified error``): every fresh local
+        cluster, a CI checkout's included, numbers its jobs from 1. Short, like the slurmd
+        spool: PMIx puts Unix sockets below it."""
+        tag = f"{zlib.crc32(str(self.root).encode()):08x}"
+        return Path("/tmp") / f"clusterflow-pmix-{os.geteuid()}-{tag}"
+
+    @property
     def jobcomp(self) -> Path:
         return self.log_dir / "jobcomp.log"
 

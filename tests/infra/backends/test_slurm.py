@@ -150,6 +150,33 @@ def test_tasks_that_never_launch_fail_the_job_though_srun_exits_0(
     assert "task 0 launch failed" in err and "srun exited 0 but 2 task launch(es) failed" in err
 
 
+def test_a_pmix_directory_left_in_tmp_by_another_cluster_does_not_break_a_launch(
+        cluster: LocalSlurm, provider: SlurmProvider, tmp_path: Path) -> None:
+    # Every fresh local cluster numbers its jobs from 1, and Slurm's PMIx plugin leaves
+    # /tmp/spmix_appdir_<uid>_<job>.<step> behind when a step dies mid-launch; the next
+    # cluster's job of that number then failed to launch ("File exists"). This cluster keeps
+    # those directories in its own folder (mpi.conf), so leftovers in /tmp are not in the way.
+    assert cluster.layout.mpi_conf.read_text().splitlines()[-1] == \
+        f"PMIxCliTmpDirBase={cluster.layout.pmix_tmp}"
+    assert cluster.layout.pmix_tmp.is_dir()
+    probe = provider.submit(["true"], ranks=1, job_name="probe", workdir=tmp_path / "p")
+    wait(provider, probe, timeout=JOB_TIMEOUT, backoff=FAST)
+    nxt = int(probe.job_id) + 1
+    leftovers = [Path(f"/tmp/spmix_appdir_{os.geteuid()}_{j}.0") for j in range(nxt, nxt + 4)]
+    made = [p for p in leftovers if not p.exists()]
+    for p in made:
+        p.mkdir()
+    try:
+        job, out, u0 = _heat_job(provider, tmp_path, SrunLauncher(), steps=10)
+        status = wait(provider, job, timeout=JOB_TIMEOUT, backoff=FAST)
+    finally:
+        for p in made:
+            p.rmdir()
+    assert int(job.job_id) in range(nxt, nxt + 4), job.job_id
+    assert status.state is JobState.COMPLETED, (status, job.stderr.read_text())
+    assert np.array_equal(np.load(out / "field.npy"), reference_solution(u0, 10, 0.2))
+
+
 @pytest.mark.parametrize("launcher", [SrunLauncher(), MpiexecLauncher(oversubscribe=False)],
                          ids=["srun", "mpiexec"])
 def test_failing_rank_fails_the_job_with_its_message(provider: SlurmProvider, tmp_path: Path,
