@@ -1,6 +1,7 @@
 """How clusterflow talks to Prefect when the user has not pointed it at a server.
 
-With ``PREFECT_API_URL`` set, Prefect is used exactly as configured. Otherwise a temporary
+With ``PREFECT_API_URL`` set, Prefect is used exactly as configured; without it, a running
+``clusterflow local up`` stack's server (``stack_api``). Otherwise a temporary
 Prefect server runs for the one command against a SQLite database kept under the clusterflow
 state dir, so the schema migration (~15 s) happens once, not on every run. The server-side
 services a single CLI run never needs are switched off: the telemetry service in particular
@@ -18,6 +19,7 @@ after.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -44,6 +46,34 @@ LOCAL_SERVER_DEFAULTS = {
     # 2-core CI machines need longer than the 20 s default for the first (migrating) start.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+
+
+STACK_STATE = "local-stack.json"  # flows.local_stack.STATE_FILE (that module is heavy)
+
+
+def stack_api(state_dir: Path) -> str | None:
+    """The Prefect API of the ``clusterflow local up`` stack under ``state_dir``, if it
+    answers. A run beside a running stack goes there, as its AWS calls go to the stack's moto
+    (``infra.aws.embedded.recorded_server``): it shows in the stack's UI with its artifacts,
+    and it starts no server of its own (~5 s of a warm run). A stopped stack refuses at
+    once; a busy one answering late is still the stack's."""
+    try:
+        url = json.loads((state_dir / STACK_STATE).read_text()).get("prefect_api_url")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(url, str) or not url:
+        return None
+    for _ in range(3):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return url
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ConnectionRefusedError):
+                return None
+        except OSError:
+            pass
+    return None
 
 
 def configure(state_dir: Path) -> None:
@@ -120,6 +150,16 @@ def temporary_server(state_dir: Path) -> Iterator[TemporaryServer | None]:
     server is stopped when the block ends, however it ends; a SIGKILLed caller takes it down
     through the parent-death signal.
     """
+    if not os.environ.get("PREFECT_API_URL") and (url := stack_api(state_dir)):
+        os.environ["PREFECT_API_URL"] = url
+        configure(state_dir)
+        refresh_settings()
+        try:
+            yield None
+        finally:
+            _flush_prefect_clients()
+            os.environ.pop("PREFECT_API_URL", None)
+        return
     configure(state_dir)
     if os.environ.get("PREFECT_API_URL"):
         refresh_settings()  # a no-op unless Prefect is imported already (flows.prefect_refresh)
