@@ -42,7 +42,7 @@ from pydantic import BaseModel
 from event_bridge.fabric import DEFAULT_FABRIC, Fabric, FabricError, load_fabric
 from flows import warm_runner
 from flows.local_postgres import LocalPostgres, PostgresError
-from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS
+from flows.prefect_runtime import LOCAL_SERVER_DEFAULTS, STACK_STATE, stack_api
 from flows.spec import DEFAULT_SPEC, load_spec
 from flows.stack_processes import (
     Component,
@@ -60,7 +60,7 @@ from infra.aws.embedded import MotoServer, _free_port
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "prefect.yaml"
 BIN = Path(sys.executable).parent
-STATE_FILE = "local-stack.json"
+STATE_FILE = STACK_STATE
 # ``down`` stops the clients (consumers, worker) before the services they talk to.
 COMPONENTS = ("moto", "postgres", "prefect-server", "worker", "consumers", "runner")
 
@@ -134,12 +134,7 @@ def _save(state: StackState) -> None:
 
 def recorded_prefect_api(home: Path) -> str | None:
     """The API URL of a running local stack's Prefect server, if it answers."""
-    state = load_state(home)
-    # Retried: a busy server answering late is still the stack's server.
-    if state and state.prefect_api_url and healthy(state.prefect_api_url + "/health",
-                                                    timeout=5.0, attempts=3):
-        return state.prefect_api_url
-    return None
+    return stack_api(home)
 
 
 # ---------------------------------------------------------------------------- fabric

@@ -48,7 +48,9 @@ LOCAL_SERVER_DEFAULTS = {
 }
 
 
-STACK_STATE = "local-stack.json"  # flows.local_stack.STATE_FILE (that module is heavy)
+# The local stack's state file (flows.local_stack.STATE_FILE), named here so that a run can
+# find the stack without importing that module (~0.5 s).
+STACK_STATE = "local-stack.json"
 
 
 def stack_api(state_dir: Path) -> str | None:

@@ -60,8 +60,44 @@ def job_failed(task_name: str, ranks: int, status: JobStatus, job: JobHandle) ->
     """The exception for a point whose job did not complete, with the log's last lines."""
     err = job.stderr.read_text(errors="replace") if job.stderr.is_file() else ""
     cls = NotLaunched if NOT_LAUNCHED_MARK in err else PointFailed
+    tail = failure_lines(err, last=8, sep=" | ") or _tail(job.stdout)
     return cls(f"{task_name} on {ranks} rank(s) {status.state.value} ({status.message}): "
-               f"{_tail(job.stderr) or _tail(job.stdout)}")
+               f"{tail}")
+
+
+def job_ended(provider: ExecutionProvider, point: Point, ranks: int, job: JobHandle,
+              status: JobStatus, attempt: dict[str, Any], t0: float) -> None:
+    """Note the attempt's seconds and Spot interruptions; PointFailed unless it completed."""
+    attempt["seconds"] = round(time.perf_counter() - t0, 3)
+    spot = job_interruptions(provider, job)
+    if spot and spot["interruptions"]:  # requeues after a reclaim, and the compute they lost
+        attempt["spot"] = spot
+    if status.state is not JobState.COMPLETED:
+        raise job_failed(point.task_name, ranks, status, job)
+
+
+def completed_record(run: StepRun, point: Point, step: StepSpec, backend: str, ranks: int,
+                     job: JobHandle, attempt: dict[str, Any], identity: dict[str, Any], *,
+                     out_dir: str, files: list[dict[str, Any]], kernel_manifest: Any,
+                     written_in: object = None) -> dict[str, Any]:
+    """The point's ``step.json`` record, once its outputs are known; PointFailed when a
+    bundled kernel left no manifest or the step's ``outputs`` globs matched nothing in
+    ``written_in`` (where the command wrote; default ``out_dir``)."""
+    if step.uses and not isinstance(kernel_manifest, dict):
+        raise PointFailed(not_written(point.task_name, step.uses, job))
+    if step.outputs and not files:
+        raise PointFailed(f"{point.task_name} finished but wrote nothing matching "
+                          f"{', '.join(step.outputs)} under {written_in or out_dir}")
+    record = {"step": point.step, "label": point.label, "params": point.params,
+              "state": "completed", "backend": backend, "job_id": job.job_id,
+              "ranks": ranks, "seconds": attempt["seconds"], "computed_by": run.run_id,
+              "input_sha256": digest(identity), "out_dir": out_dir,
+              "s3_prefix": run.results_prefix(run.run_id, point), "files": files}
+    if "spot" in attempt:
+        record["spot"] = attempt["spot"]
+    if isinstance(kernel_manifest, dict):
+        record["kernel_manifest"] = kernel_manifest
+    return record
 
 
 class StepRun:
@@ -259,31 +295,17 @@ def execute_point(run: StepRun, point: Point, identity: dict[str, Any]) -> dict[
     except (InputError, IntegrityError, OSError) as e:
         attempt["seconds"] = round(time.perf_counter() - t0, 3)
         raise PointFailed(f"{point.task_name}: {e}") from None
-    attempt["seconds"] = round(time.perf_counter() - t0, 3)
-    spot = job_interruptions(provider, job)
-    if spot and spot["interruptions"]:  # requeues after a reclaim, and the compute they lost
-        attempt["spot"] = spot
-    if status.state is not JobState.COMPLETED:
-        raise job_failed(point.task_name, ranks, status, job)
-    record = {"step": point.step, "label": point.label, "params": point.params,
-              "state": "completed", "backend": backend, "job_id": job.job_id,
-              "ranks": ranks, "seconds": attempt["seconds"], "computed_by": run.run_id,
-              "input_sha256": digest(identity), "out_dir": str(out),
-              "s3_prefix": run.results_prefix(run.run_id, point),
-              "files": collect_outputs(step, out)}
-    if "spot" in attempt:
-        record["spot"] = attempt["spot"]
+    job_ended(provider, point, ranks, job, status, attempt, t0)
     own = out / RUN_MANIFEST
-    if step.uses and not own.is_file():
-        raise PointFailed(not_written(point.task_name, step.uses, job))
+    kernel_manifest = None
     if own.is_file():
         try:
-            record["kernel_manifest"] = json.loads(own.read_text())
+            kernel_manifest = json.loads(own.read_text())
         except ValueError:
             pass  # a command's own file of that name: kept on scratch, not published
-    if step.outputs and not record["files"]:
-        raise PointFailed(f"{point.task_name} finished but wrote nothing matching "
-                          f"{', '.join(step.outputs)} under {out}")
+    record = completed_record(run, point, step, backend, ranks, job, attempt, identity,
+                              out_dir=str(out), files=collect_outputs(step, out),
+                              kernel_manifest=kernel_manifest)
     publish_point(run, point, out, record)
     return record
 

@@ -47,17 +47,15 @@ from flows.steps.execute import (
     _submit,
     _values,
     _wait,
-    job_failed,
-    not_written,
+    completed_record,
+    job_ended,
     publish_record,
 )
 from flows.steps.graph import Plan, Point
-from flows.steps.inputs import InputError, digest, local_identity, split_s3, upstream_links
+from flows.steps.inputs import InputError, local_identity, split_s3, upstream_links
 from flows.steps.launch import command_argv, in_dir, job_env, wrap
 from infra.aws.clients import AwsTarget
 from infra.backends.launchers import python_module
-from infra.backends.providers.base import JobState
-from infra.backends.providers.spot import job_interruptions
 from infra.staging.fsx import FsxError
 from infra.staging.fsx_run import FsxRunStaging, VerifyError
 from infra.staging.objects import IntegrityError, exists, upload
@@ -309,27 +307,11 @@ def execute_point_fsx(run: StepRun, fsx: StepsFsx, point: Point,
     except (InputError, IntegrityError, OSError) as e:
         attempt["seconds"] = round(time.perf_counter() - t0, 3)
         raise PointFailed(f"{point.task_name}: {e}") from None
-    attempt["seconds"] = round(time.perf_counter() - t0, 3)
-    spot = job_interruptions(provider, job)
-    if spot and spot["interruptions"]:
-        attempt["spot"] = spot
-    if status.state is not JobState.COMPLETED:
-        raise job_failed(point.task_name, ranks, status, job)
+    job_ended(provider, point, ranks, job, status, attempt, t0)
     files, kernel_manifest, exported = fsx.publish(run, point)
-    if step.uses and not isinstance(kernel_manifest, dict):
-        raise PointFailed(not_written(point.task_name, step.uses, job))
-    record = {"step": point.step, "label": point.label, "params": point.params,
-              "state": "completed", "backend": backend, "job_id": job.job_id,
-              "ranks": ranks, "seconds": attempt["seconds"], "computed_by": run.run_id,
-              "input_sha256": digest(identity), "out_dir": exported,
-              "s3_prefix": run.results_prefix(run.run_id, point), "files": files}
-    if "spot" in attempt:
-        record["spot"] = attempt["spot"]
-    if isinstance(kernel_manifest, dict):
-        record["kernel_manifest"] = kernel_manifest
-    if step.outputs and not files:
-        raise PointFailed(f"{point.task_name} finished but wrote nothing matching "
-                          f"{', '.join(step.outputs)} under {out}")
+    record = completed_record(run, point, step, backend, ranks, job, attempt, identity,
+                              out_dir=exported, files=files, kernel_manifest=kernel_manifest,
+                              written_in=out)
     publish_record(run, point, run.point_dir(point) / "out", record)
     return record
 

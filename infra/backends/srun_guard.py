@@ -67,11 +67,9 @@ def main(argv: list[str]) -> int:
         if not chunk:
             break
         _write_all(2, chunk)
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
-        failed += [ln for ln in lines if LAUNCH_FAILED.match(ln)]
-    if LAUNCH_FAILED.match(partial):
-        failed.append(partial)
+        whole, _, partial = (partial + chunk).rpartition(b"\n")
+        failed += launch_failures(whole)
+    failed += launch_failures(partial)
     rc = proc.wait()
     if rc < 0:  # srun ended by a signal: end the same way
         signal.signal(-rc, signal.SIG_DFL)

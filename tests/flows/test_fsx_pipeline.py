@@ -167,23 +167,31 @@ def fsx_stub(world: World, run_id: str, *, export: str = "ok") -> Iterator[Any]:
     with Stubber(client) as stub:
         def task(kind: str, paths: list[str], lifecycle: str = "SUCCEEDED",
                  failed: int = 0) -> None:
-            t = {"TaskId": "task-0123456789abcdef0", "Lifecycle": lifecycle, "Type": kind,
-                 "CreationTime": NOW, "FileSystemId": world.fs_id,
-                 "Report": {"Enabled": True, "Path": report, "Format": "REPORT_CSV_20191124",
-                            "Scope": "FAILED_FILES_ONLY"},
-                 "Status": {"TotalCount": 2, "SucceededCount": 2 - failed,
-                            "FailedCount": failed}}
-            if lifecycle == "FAILED":
-                t["FailureDetails"] = {"Message": "1 file\nfailed to export"}
-            stub.add_response("create_data_repository_task", {"DataRepositoryTask": t},
-                              {"Type": kind, "FileSystemId": world.fs_id, "Paths": paths,
-                               "Report": t["Report"], "ClientRequestToken": ANY})
-            stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [t]},
-                              {"TaskIds": ["task-0123456789abcdef0"]})
+            expect_task(stub, world.fs_id, report, kind, paths, lifecycle, total=2,
+                        failed=failed)
 
         client.expect = task  # type: ignore[attr-defined]
         client.seen = seen  # type: ignore[attr-defined]
         yield client
+
+
+def expect_task(stub: Stubber, fs_id: str, report: str, kind: str, paths: Any,
+                lifecycle: str, *, total: int, failed: int) -> None:
+    """One data repository task as FSx answers it: created (the request checked against
+    ``kind``, ``paths`` and the report settings), then described once in ``lifecycle``."""
+    t = {"TaskId": "task-0123456789abcdef0", "Lifecycle": lifecycle, "Type": kind,
+         "CreationTime": NOW, "FileSystemId": fs_id,
+         "Report": {"Enabled": True, "Path": report, "Format": "REPORT_CSV_20191124",
+                    "Scope": "FAILED_FILES_ONLY"},
+         "Status": {"TotalCount": total, "SucceededCount": total - failed,
+                    "FailedCount": failed}}
+    if lifecycle == "FAILED":
+        t["FailureDetails"] = {"Message": "1 file\nfailed to export"}
+    stub.add_response("create_data_repository_task", {"DataRepositoryTask": t},
+                      {"Type": kind, "FileSystemId": fs_id, "Paths": paths,
+                       "Report": t["Report"], "ClientRequestToken": ANY})
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [t]},
+                      {"TaskIds": ["task-0123456789abcdef0"]})
 
 
 def head_node(world: World, local_slurm: LocalSlurm):

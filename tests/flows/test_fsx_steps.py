@@ -37,7 +37,7 @@ from infra.clusters.slurm_local.cluster import LocalSlurm
 from infra.staging.fsx_job import SUMS
 from mpi_jobs.heat import reference_solution
 from mpi_jobs.initial_conditions import heat_hotspots
-from tests.flows.test_fsx_pipeline import NOW, World, head_node
+from tests.flows.test_fsx_pipeline import World, expect_task, head_node
 from tests.slurm_fixtures import ensure_local_slurm
 
 LOG = logging.getLogger("test-fsx-steps")
@@ -136,20 +136,8 @@ def fsx_stub(world: World, run_id: str, tasks: list[tuple[str, str]]) -> Iterato
     with Stubber(client) as stub:
         for kind, lifecycle in tasks:
             state = "FAILED" if lifecycle.startswith("FAILED") else "SUCCEEDED"
-            failed = int(state == "FAILED")
-            t = {"TaskId": "task-0123456789abcdef0", "Lifecycle": state, "Type": kind,
-                 "CreationTime": NOW, "FileSystemId": world.fs_id,
-                 "Report": {"Enabled": True, "Path": report, "Format": "REPORT_CSV_20191124",
-                            "Scope": "FAILED_FILES_ONLY"},
-                 "Status": {"TotalCount": 1, "SucceededCount": 1 - failed,
-                            "FailedCount": failed}}
-            if failed:
-                t["FailureDetails"] = {"Message": "1 file\nfailed to export"}
-            stub.add_response("create_data_repository_task", {"DataRepositoryTask": t},
-                              {"Type": kind, "FileSystemId": world.fs_id, "Paths": ANY,
-                               "Report": t["Report"], "ClientRequestToken": ANY})
-            stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [t]},
-                              {"TaskIds": ["task-0123456789abcdef0"]})
+            expect_task(stub, world.fs_id, report, kind, ANY, state, total=1,
+                        failed=int(state == "FAILED"))
         client.seen = seen  # type: ignore[attr-defined]
         yield client
 

@@ -77,6 +77,26 @@ def _executions(out: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+def _cancel_reaches_scancel(client, provider: SlurmProvider, run_id, job_id: str,
+                            log: Path):
+    """Cancel the flow run from the API: its Slurm job ends CANCELLED by the worker's
+    scancel, and the run ends Cancelled."""
+    client.set_flow_run_state(run_id, Cancelling(), force=True)
+    assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
+    done = wait_run(client, run_id, lambda r: r.state_name == "Cancelled", timeout=60, log=log)
+    assert f"scancel {job_id}" in log.read_text()
+    return done
+
+
+def _clean_up(workers: list[subprocess.Popen[bytes]], provider: SlurmProvider,
+              job_id: str | None) -> None:
+    for worker in workers:
+        stop_worker(worker)
+    if job_id:
+        subprocess.run(["scancel", job_id], env=provider.env(), timeout=30,
+                       capture_output=True)
+
+
 def _setup(client, tmp_path: Path, conf: Path, tag: str):
     project = tmp_path / "project"
     project.mkdir()
@@ -173,11 +193,7 @@ def test_a_run_left_without_its_job_id_adopts_the_job_it_has(
                 assert done.state_name == "Completed", done.state.message
             else:  # watched as its own: a cancel reaches scancel
                 assert provider.status(_job(job_id)).state is JobState.RUNNING
-                client.set_flow_run_state(run.id, Cancelling(), force=True)
-                assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
-                done = wait_run(client, run.id, lambda r: r.state_name == "Cancelled",
-                                timeout=60, log=log2)
-                assert f"scancel {job_id}" in log2.read_text()
+                done = _cancel_reaches_scancel(client, provider, run.id, job_id, log2)
             assert done.infrastructure_pid == job_id
             assert _executions(out) == [{"job": job_id}]
             assert _completion_log(provider, job_name(run.id), job_id) == [job_id]
@@ -185,11 +201,7 @@ def test_a_run_left_without_its_job_id_adopts_the_job_it_has(
                         if s.type.value == "SCHEDULED" and s.message
                         and s.message.startswith("rescheduled")]
         finally:
-            for worker in workers:
-                stop_worker(worker)
-            if job_id:
-                subprocess.run(["scancel", job_id], env=provider.env(), timeout=30,
-                               capture_output=True)
+            _clean_up(workers, provider, job_id)
 
 
 def test_a_live_worker_takes_over_a_dead_peers_run_and_leaves_a_live_ones(
@@ -225,18 +237,10 @@ def test_a_live_worker_takes_over_a_dead_peers_run_and_leaves_a_live_ones(
                             timeout=30, log=log_b)
             assert provider.status(_job(job_id)).state is JobState.RUNNING
 
-            client.set_flow_run_state(run.id, Cancelling(), force=True)
-            assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
-            wait_run(client, run.id, lambda r: r.state_name == "Cancelled", timeout=60,
-                     log=log_b)
-            assert f"scancel {job_id}" in log_b.read_text()
+            _cancel_reaches_scancel(client, provider, run.id, job_id, log_b)
             assert _executions(out) == [{"job": job_id}]
         finally:
-            for worker in workers:
-                stop_worker(worker)
-            if job_id:
-                subprocess.run(["scancel", job_id], env=provider.env(), timeout=30,
-                               capture_output=True)
+            _clean_up(workers, provider, job_id)
 
 
 def test_a_worker_restarted_under_its_name_takes_its_runs_back_beside_a_live_peer(
@@ -272,15 +276,7 @@ def test_a_worker_restarted_under_its_name_takes_its_runs_back_beside_a_live_pee
             time.sleep(6)  # more sweeps of the peer: it must not take the run too
             assert f"adopting flow run {run.name}" not in log_p.read_text()
 
-            client.set_flow_run_state(run.id, Cancelling(), force=True)
-            assert wait(provider, _job(job_id), timeout=120).state is JobState.CANCELLED
-            wait_run(client, run.id, lambda r: r.state_name == "Cancelled", timeout=60,
-                     log=log_a2)
-            assert f"scancel {job_id}" in log_a2.read_text()
+            _cancel_reaches_scancel(client, provider, run.id, job_id, log_a2)
             assert _executions(out) == [{"job": job_id}]
         finally:
-            for worker in workers:
-                stop_worker(worker)
-            if job_id:
-                subprocess.run(["scancel", job_id], env=provider.env(), timeout=30,
-                               capture_output=True)
+            _clean_up(workers, provider, job_id)
