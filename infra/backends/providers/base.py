@@ -8,6 +8,7 @@ start inside them. Keeping the two apart is what lets one pipeline run unchanged
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +76,8 @@ class ExecutionProvider(ABC):
 
     @abstractmethod
     def cancel(self, job: JobHandle) -> None: ...
+
+    def pause(self, job: JobHandle, seconds: float) -> None:
+        """Wait up to ``seconds`` between two status polls. A provider that can hear the job
+        end (a local process) returns as soon as it does; a scheduler is asked again later."""
+        time.sleep(seconds)

@@ -49,6 +49,17 @@ class LocalProvider(ExecutionProvider):
             return JobStatus(JobState.CANCELLED, code, f"killed by signal {-code}")
         return JobStatus(JobState.FAILED, code, f"exit code {code}")
 
+    def pause(self, job: JobHandle, seconds: float) -> None:
+        # Woken by the exit itself: the end of a short job is seen at once, not a poll later.
+        proc = self._procs.get(job.job_id)
+        if proc is None:
+            super().pause(job, seconds)
+            return
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+
     def cancel(self, job: JobHandle) -> None:
         proc = self._procs[job.job_id]
         if proc.poll() is None:

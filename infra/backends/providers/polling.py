@@ -73,4 +73,4 @@ def wait(provider: ExecutionProvider, job: JobHandle, *, timeout: float | None =
                 f"job {job.job_id} on {provider.label} did not finish within {timeout:.0f} s "
                 f"(last state: {last_state.value if last_state else 'unknown'}); it was left "
                 f"running")
-        time.sleep(next(delays))
+        provider.pause(job, next(delays))
