@@ -9,6 +9,8 @@ relative to ``<prefix><run-id>/`` with its sha256 (the consumers verify exactly 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,20 +44,53 @@ class StepsOutcome:
         return [p for p in self.points if p["state"] not in DONE_OK]
 
 
-def run_events_publisher(aws: AwsTarget, run_id: str, logger: Any) -> Any:
-    """Per-point lifecycle events on the fabric's FIFO run-events topic (ordered per run)."""
-    from event_bridge.ensure_topics import find_topic
-    from event_bridge.run_events import publish_run_event
+class RunEventsPublisher:
+    """Per-point lifecycle events on the fabric's FIFO run-events topic (ordered per run).
 
-    sns = aws.client("sns")
-    arn = find_topic(sns, RUN_EVENTS_TOPIC) or sns.create_topic(
-        Name=RUN_EVENTS_TOPIC, Attributes={"FifoTopic": "true"})["TopicArn"]
+    Published by one background thread, in the order they happen: the topic lookup (a
+    ListTopics walk) and one SNS publish per point and stage stay off the path between one
+    job ending and the next starting. ``close`` waits for the last one and raises the first
+    failure, so a run never ends with its events silently lost.
+    """
 
-    def publish(point: Point, stage: str, detail: dict[str, Any]) -> None:
-        publish_run_event(aws, arn, run_id, f"step:{point.task_name}:{stage}",
-                          {"step": point.step, "point": point.label, "state": stage, **detail})
+    def __init__(self, aws: AwsTarget, run_id: str) -> None:
+        self.aws, self.run_id = aws, run_id
+        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="clusterflow-run-events",
+                                        daemon=True)
+        self._thread.start()
 
-    return publish
+    def __call__(self, point: Point, stage: str, detail: dict[str, Any]) -> None:
+        self._queue.put((f"step:{point.task_name}:{stage}",
+                         {"step": point.step, "point": point.label, "state": stage, **detail}))
+
+    def close(self, *, raise_error: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and raise_error:
+            raise RuntimeError(f"could not publish the run's events to {RUN_EVENTS_TOPIC}: "
+                               f"{self._error}") from self._error
+
+    def _topic(self) -> str:
+        from event_bridge.ensure_topics import find_topic
+
+        sns = self.aws.client("sns")
+        return find_topic(sns, RUN_EVENTS_TOPIC) or sns.create_topic(
+            Name=RUN_EVENTS_TOPIC, Attributes={"FifoTopic": "true"})["TopicArn"]
+
+    def _loop(self) -> None:
+        from event_bridge.run_events import publish_run_event
+
+        arn: str | None = None
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the first failure is what close() reports
+            try:
+                arn = arn or self._topic()
+                publish_run_event(self.aws, arn, self.run_id, *item)
+            except Exception as e:  # noqa: BLE001 - reported by close()
+                self._error = e
 
 
 def point_view(result: dict[str, Any]) -> dict[str, Any]:
@@ -91,10 +126,15 @@ def run_steps(spec: PipelineSpec, spec_path: Path, aws: AwsTarget, run_id: str,
             timed("cluster", backends.get, "parallelcluster")
             fsx = timed("stage_in_fsx", open_fsx, spec, plan, aws, run_id, run_dir, backends,
                         logger)
+        events = RunEventsPublisher(aws, run_id)
         run = StepRun(spec=spec, plan=plan, aws=aws, run_id=run_id, run_dir=run_dir,
-                      backends=backends, logger=logger,
-                      events=run_events_publisher(aws, run_id, logger), fsx=fsx)
-        results = GraphScheduler(run, reuse=spec.reuse_result).run_all()
+                      backends=backends, logger=logger, events=events, fsx=fsx)
+        try:
+            results = GraphScheduler(run, reuse=spec.reuse_result).run_all()
+        except BaseException:
+            events.close(raise_error=False)
+            raise
+        events.close()
     ordered = [results[p.key] for p in plan.all_points()]
     files = []
     for r in ordered:
