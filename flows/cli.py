@@ -160,9 +160,11 @@ def run(
     # no process this run starts outlives it (the rest die with it even on SIGKILL).
     with terminate_like_interrupt(), exit_on_interrupt(err), \
             prefect_runtime.temporary_server(state_dir()) as server:
+        from flows import prefect_tls
         from flows.pipeline import hpc_pipeline
         from flows.steps.flow import PipelineFailed
 
+        prefect_tls.install()  # one CA bundle load for the run's Prefect clients, not four
         code = 0
         phase_clock.mark("Prefect and pipeline imports")
         try:

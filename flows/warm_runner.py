@@ -55,7 +55,7 @@ PRELOAD = (
     "flows.prefect_runtime", "flows.signals", "flows.fast_exit", "flows.phase_clock",
     "prefect", "prefect.settings", "prefect.flow_engine", "prefect.task_engine",
     "prefect.client.orchestration", "prefect.artifacts", "prefect.events",
-    "flows.pipeline", "flows.steps.flow", "flows.prewarm",
+    "flows.pipeline", "flows.steps.flow", "flows.prewarm", "flows.prefect_tls",
     "boto3", "botocore.client",
     # imported only once the flow runs (a run's sys.modules minus the above)
     "prefect.utilities.visualization", "anyio._backends._asyncio", "anyio.streams.memory",
@@ -97,6 +97,10 @@ def preload() -> None:
 
     remember_logging()
     load_data_once(SERVICES)
+    from flows import prefect_tls
+
+    prefect_tls.install()
+    prefect_tls.shared_context()  # built here, once: a run with the same settings builds none
 
 
 def thread_count() -> int:
