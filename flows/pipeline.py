@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,11 +223,19 @@ def publish(spec: PipelineSpec, aws: AwsTarget, run_id: str, out_dir: Path,
 
 @task(name="consume", cache_policy=NO_CACHE)
 def consume(aws: AwsTarget, applied: AppliedTopology, manifest_key: str) -> dict[str, Any]:
-    """Each fan-out queue must deliver this run's manifest event, verified against S3."""
+    """Each fan-out queue must deliver this run's manifest event, verified against S3.
+
+    The queues are independent consumers, so they are read side by side (each one's long
+    poll and verification would otherwise wait for the one before)."""
     logger = get_run_logger()
+    queues = list(applied.queue_urls.items())
+    with ThreadPoolExecutor(max_workers=len(queues) or 1,
+                            thread_name_prefix="clusterflow-consume") as pool:
+        futures = [pool.submit(consume_until, aws, queue, url, want_key=manifest_key)
+                   for queue, url in queues]
+        got = [f.result() for f in futures]  # the first queue's failure, in queue order
     reports = {}
-    for queue, url in applied.queue_urls.items():
-        report = consume_until(aws, queue, url, want_key=manifest_key)
+    for (queue, _), report in zip(queues, got, strict=True):
         logger.info("queue %s: %d event(s) received, %d verified, %d left for redelivery",
                     queue, report.received, report.verified, len(report.failed))
         reports[queue] = asdict(report)
