@@ -101,6 +101,29 @@ def preload() -> None:
 
     prefect_tls.install()
     prefect_tls.shared_context()  # built here, once: a run with the same settings builds none
+    complete_models("prefect")
+
+
+def complete_models(package: str) -> int:
+    """Finish the package's pydantic models that pydantic left to their first use.
+
+    Prefect defines most of its client schemas with forward references, so pydantic builds
+    their validators the first time each is used: in every run, for the flow run, its logs and
+    each artifact (40-70 ms a run here). Built here once, every forked run inherits them.
+    A model that cannot be finished yet is left as it was, for pydantic to finish on use.
+    """
+    from pydantic import BaseModel
+
+    done = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == package or name.startswith(package + ".")):
+            continue
+        for obj in list(vars(module).values()):
+            if (isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == name
+                    and not getattr(obj, "__pydantic_complete__", True)):
+                with contextlib.suppress(Exception):
+                    done += bool(obj.model_rebuild(raise_errors=False))
+    return done
 
 
 def thread_count() -> int:
