@@ -24,8 +24,11 @@ way, so an API that refuses an artifact costs a warning in the log, not the run.
 from __future__ import annotations
 
 import base64
+import contextvars
 import csv
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -226,37 +229,43 @@ def _publish(spec: PipelineSpec, summary: dict[str, Any], aws: AwsTarget) -> lis
     run_id = summary["run_id"]
     manifest_uri = summary["s3"].get("manifest") or summary["s3"]["results"] + MANIFEST
     manifest_url = presigned(aws, manifest_uri)
-    published = []
 
-    create_markdown_artifact(markdown=summary_markdown(summary, manifest_url),
-                             key=keys["summary"], description=f"run {run_id}")
-    published.append(keys["summary"])
-    create_table_artifact(table=point_rows(summary, manifest), key=keys["points"],
-                          description=f"run {run_id}: state, seconds and outputs")
-    published.append(keys["points"])
-    create_link_artifact(link=manifest_url, link_text=manifest_uri, key=keys["manifest"],
-                         description=f"run {run_id}: the manifest (presigned)")
-    published.append(keys["manifest"])
-
+    made: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
+        keys["summary"]: (create_markdown_artifact, {
+            "markdown": summary_markdown(summary, manifest_url),
+            "description": f"run {run_id}"}),
+        keys["points"]: (create_table_artifact, {
+            "table": point_rows(summary, manifest),
+            "description": f"run {run_id}: state, seconds and outputs"}),
+        keys["manifest"]: (create_link_artifact, {
+            "link": manifest_url, "link_text": manifest_uri,
+            "description": f"run {run_id}: the manifest (presigned)"}),
+    }
     work = run_dir / "artifacts"
     if kernel == "heat":
         md = heat_picture(summary, out_dir, work)
         if md:
-            create_markdown_artifact(markdown=md, key=keys["field"],
-                                     description=f"run {run_id}: the final field")
-            published.append(keys["field"])
+            made[keys["field"]] = (create_markdown_artifact, {
+                "markdown": md, "description": f"run {run_id}: the final field"})
     elif kernel == "var":
-        create_table_artifact(table=var_table(out_dir), key=keys["var"],
-                              description=f"run {run_id}: value at risk and expected shortfall")
-        published.append(keys["var"])
+        made[keys["var"]] = (create_table_artifact, {
+            "table": var_table(out_dir),
+            "description": f"run {run_id}: value at risk and expected shortfall"})
     elif kernel == "kmer":
-        create_table_artifact(table=kmer_top(out_dir), key=keys["kmer-top"],
-                              description=f"run {run_id}: the top {TOP_KMERS} k-mers")
-        published.append(keys["kmer-top"])
-        create_markdown_artifact(markdown=kmer_histogram(summary, out_dir, work),
-                                 key=keys["kmer-histogram"],
-                                 description=f"run {run_id}: the k-mer spectrum")
-        published.append(keys["kmer-histogram"])
+        made[keys["kmer-top"]] = (create_table_artifact, {
+            "table": kmer_top(out_dir), "description": f"run {run_id}: the top {TOP_KMERS} k-mers"})
+        made[keys["kmer-histogram"]] = (create_markdown_artifact, {
+            "markdown": kmer_histogram(summary, out_dir, work),
+            "description": f"run {run_id}: the k-mer spectrum"})
+    # Each is one request to the Prefect API and independent of the others: sent side by
+    # side, each in a copy of this flow run's context (which names the run they belong to).
+    with ThreadPoolExecutor(max_workers=len(made),
+                            thread_name_prefix="clusterflow-artifacts") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, create, key=key, **kwargs)
+                   for key, (create, kwargs) in made.items()]
+        for future in futures:
+            future.result()
+    published = list(made)
     get_run_logger().info("published Prefect artifacts: %s", ", ".join(published))
     return published
 

@@ -90,6 +90,9 @@ def test_heat_runs_publish_summary_points_and_field_with_history(
                                                       f"run {first['run_id']}"]
     md = summaries[0].data
     assert summaries[0].type == "markdown" and summaries[0].flow_run_id is not None
+    # All four belong to the run's own flow run (they are created side by side in threads).
+    assert {_artifacts(prefect_api, key)[0].flow_run_id for key in second["artifacts"]} == {
+        summaries[0].flow_run_id}
     assert second["result_sha256"] in md and second["s3"]["results"] in md
     for stage in ("provision", "stage_in", "mpi_run", "publish", "consume"):
         assert f"| {stage} | {second['seconds'][stage]:.3f} |" in md
