@@ -164,7 +164,7 @@ def run(
         from flows.pipeline import hpc_pipeline
         from flows.steps.flow import PipelineFailed
 
-        prefect_tls.install()  # one CA bundle load for the run's Prefect clients, not four
+        prefect_tls.install()  # one CA bundle load for the run's Prefect clients, not one each
         code = 0
         phase_clock.mark("Prefect and pipeline imports")
         try:

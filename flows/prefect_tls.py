@@ -2,9 +2,10 @@
 
 Prefect (3.x) builds a new ``ssl.SSLContext`` for every API client it opens, loading
 certifi's CA bundle each time (about 150 certificates, 20-25 ms of CPU on this 2-core VM).
-A ``clusterflow run`` opens four: the flow engine's client, the events worker's and the
-version check it makes, and the log worker's. Three of them are built in background threads
-while the run's main thread creates the flow run, so they hold the GIL on its critical path.
+A ``clusterflow run`` opens about seven: the flow engine's client, the events worker's and
+the version check it makes, the log worker's, and one per artifact. Three of them are built
+in background threads while the run's main thread creates the flow run, so they hold the GIL
+on its critical path.
 The context depends only on two Prefect settings, so it is built once per pair of values and
 shared: an ``SSLContext`` is meant to be shared by many connections and threads. The warm
 runner builds it before forking, so a run through it builds none.

@@ -7,22 +7,10 @@ import uuid
 
 import pytest
 
-from event_bridge.run_events import parse_run_event
 from flows.steps.flow import RUN_EVENTS_TOPIC, RunEventsPublisher
 from flows.steps.graph import Point
 from infra.aws.clients import AwsTarget
-
-
-def _queue_on_topic(aws: AwsTarget) -> str:
-    sns, sqs = aws.client("sns"), aws.client("sqs")
-    topic = sns.create_topic(Name=RUN_EVENTS_TOPIC, Attributes={"FifoTopic": "true"})["TopicArn"]
-    url = sqs.create_queue(QueueName=f"pub-{uuid.uuid4().hex[:8]}.fifo",
-                           Attributes={"FifoQueue": "true"})["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
-        "Attributes"]["QueueArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=arn,
-                  Attributes={"RawMessageDelivery": "true"})
-    return url
+from tests.flows.test_steps_run import _run_events, _run_events_queue
 
 
 def _point(step: str, label: str = "") -> Point:
@@ -30,22 +18,14 @@ def _point(step: str, label: str = "") -> Point:
 
 
 def test_events_arrive_in_the_order_they_happened(aws: AwsTarget) -> None:
-    url = _queue_on_topic(aws)
+    url = _run_events_queue(aws)
     run_id = f"run-{uuid.uuid4().hex[:8]}"
     publish = RunEventsPublisher(aws, run_id)
     order = [("a", "started"), ("b", "started"), ("a", "succeeded"), ("b", "failed")]
     for step, stage in order:
         publish(_point(step), stage, {"job_id": "7"} if stage == "started" else {})
     publish.close()  # returns once every event is out
-    got = []
-    sqs = aws.client("sqs")
-    while msgs := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
-                                      WaitTimeSeconds=0).get("Messages", []):
-        for m in msgs:
-            detail = parse_run_event(m["Body"])["detail"]
-            if detail["run_id"] == run_id:
-                got.append(detail["stage"])
-            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    got = _run_events(aws, url, run_id)
     assert got == [f"step:{step}:{stage}" for step, stage in order]
 
 

@@ -51,12 +51,8 @@ class LocalProvider(ExecutionProvider):
 
     def pause(self, job: JobHandle, seconds: float) -> None:
         # Woken by the exit itself: the end of a short job is seen at once, not a poll later.
-        proc = self._procs.get(job.job_id)
-        if proc is None:
-            super().pause(job, seconds)
-            return
         try:
-            proc.wait(timeout=seconds)
+            self._procs[job.job_id].wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             pass
 
